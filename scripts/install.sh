@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Idempotent set-up of everything kipfix and its tests need on Debian 12, as root:
+# Debian packages, kernel headers for BCC, and the project venv (.venv).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+
+log() { printf '[install] %s\n' "$*"; }
+
+[ "$(id -u)" -eq 0 ] || { echo "install.sh must run as root (BPF, tc and apt need it)" >&2; exit 1; }
+
+debs=(
+  python3 python3-venv python3-pip python3-bpfcc libbpfcc   # BCC is only packaged for Debian's python
+  iproute2 iputils-ping iperf3 ethtool procps                 # namespaces, veths, traffic in tests
+  tshark                                                      # independent IPFIX decoder in tests
+  linux-headers-amd64                                         # fallback kernel headers for BCC
+  openssl ca-certificates                                     # test CA for the TLS transport
+)
+missing=()
+for p in "${debs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  log "Debian packages already installed"
+fi
+
+bash "$repo/scripts/kernel-headers.sh"
+
+venv="$repo/.venv"
+if [ ! -x "$venv/bin/python" ]; then
+  log "creating venv $venv (system site packages, for Debian's BCC module)"
+  /usr/bin/python3 -m venv --system-site-packages "$venv"
+fi
+stamp="$venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  log "installing kipfix and its Python dependencies into the venv"
+  "$venv/bin/pip" install -q --upgrade pip setuptools wheel
+  "$venv/bin/pip" install -q -e "$repo[test]"
+  rm -f "$venv"/.installed-*
+  touch "$stamp"
+else
+  log "venv up to date"
+fi
+"$venv/bin/python" -c 'import bcc, pyroute2, kipfix.agent' || { echo "venv check failed" >&2; exit 1; }
+log "done: $("$venv/bin/kipfix" --version)"
