@@ -1,0 +1,138 @@
+"""Compile and load the metering program, re-using compatible pinned tables.
+
+Pinned tables outlive the agent, so a restart neither detaches metering nor
+loses what was counted meanwhile. Before BCC opens the pins, each one is
+checked against the layout this agent was built with: a table that only
+differs in size (maxFlows changed) is drained first and then replaced; a
+table of another layout is replaced with a log line saying so.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import subprocess
+
+from . import bpfsys
+from .kernelflow import KEY, UNMETERED, VALUE, VALUE_STRIDE, decode_table
+from .tables import ACTIVE_SLOT, FLOW_TABLES, TABLE_FULL, FlowTables, KernelFlow
+
+log = logging.getLogger("kipfix.meter")
+
+BPFFS = "/sys/fs/bpf"
+INGRESS_FUNCTION = "kipfix_ingress"
+EGRESS_FUNCTION = "kipfix_egress"
+
+
+def _expected_layouts(max_flows: int) -> dict[str, tuple[int, int, int, int | None]]:
+    """name -> (map type, key size, value size, max entries or None for any)."""
+    flows = (bpfsys.BPF_MAP_TYPE_PERCPU_HASH, KEY.size, VALUE.size, max_flows)
+    return {FLOW_TABLES[0]: flows, FLOW_TABLES[1]: flows,
+            ACTIVE_SLOT: (bpfsys.BPF_MAP_TYPE_ARRAY_OF_MAPS, 4, 4, 1),
+            TABLE_FULL: (bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 4, UNMETERED.size, 1)}
+
+
+def ensure_bpffs(path: str = BPFFS) -> None:
+    with open("/proc/self/mounts", encoding="utf-8") as mounts:
+        if any(line.split()[1:3] == [path, "bpf"] for line in mounts):
+            return
+    result = subprocess.run(["mount", "-t", "bpf", "bpf", path], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"bpf filesystem is not mounted at {path} and mounting it failed: "
+                           f"{result.stderr.strip()}; mount it with 'mount -t bpf bpf {path}' "
+                           "(in a pod: a hostPath volume for /sys/fs/bpf)")
+
+
+def reconcile_pins(pin_path: str, max_flows: int) -> list[KernelFlow]:
+    """Remove pins the new program cannot share; return flows drained from them."""
+    carried: list[KernelFlow] = []
+    expected = _expected_layouts(max_flows)
+    cpus = bpfsys.possible_cpus()
+    stale = []
+    for name, (map_type, key_size, value_size, max_entries) in expected.items():
+        path = os.path.join(pin_path, name)
+        try:
+            fd = bpfsys.obj_get(path)
+        except bpfsys.BpfError as err:
+            if err.errno == errno.ENOENT:
+                continue
+            raise
+        try:
+            info = bpfsys.map_info(fd)
+            same_layout = (info.type, info.key_size, info.value_size) == (map_type, key_size, value_size)
+            if same_layout and max_entries in (None, info.max_entries):
+                continue
+            if same_layout and name in FLOW_TABLES:
+                keys, values, count = bpfsys.read_all(fd, KEY.size, VALUE_STRIDE * cpus, info.max_entries, False)
+                carried.extend(decode_table(keys, values, count, cpus))
+                log.warning("pinned table %s holds %d entries (maxFlows %d); config asks for %d: "
+                            "carrying its %d flows over and replacing it", path, info.max_entries,
+                            info.max_entries, max_flows, count)
+            else:
+                log.warning("pinned map %s has an incompatible layout (type %d, key %d, value %d; this agent "
+                            "needs type %d, key %d, value %d): replacing it", path, info.type, info.key_size,
+                            info.value_size, map_type, key_size, value_size)
+            stale.append(path)
+        finally:
+            os.close(fd)
+    if any(os.path.basename(p) in FLOW_TABLES for p in stale):
+        # The slot's inner-map template must match the new tables.
+        slot = os.path.join(pin_path, ACTIVE_SLOT)
+        if os.path.exists(slot) and slot not in stale:
+            stale.append(slot)
+    for path in stale:
+        os.unlink(path)
+    return carried
+
+
+class Meter:
+    """The loaded program (ingress and egress entry points) and its tables."""
+
+    def __init__(self, max_flows: int, pin_path: str):
+        from .depcheck import require_runtime
+
+        self.headers = require_runtime()
+        ensure_bpffs()
+        os.makedirs(pin_path, exist_ok=True)
+        self.pin_path = pin_path
+        self.max_flows = max_flows
+        self.carried = reconcile_pins(pin_path, max_flows)
+        self._bpf = self._compile(max_flows, pin_path)
+        from bcc import BPF
+
+        self.ingress_fn = self._bpf.load_func(INGRESS_FUNCTION, BPF.SCHED_CLS)
+        self.egress_fn = self._bpf.load_func(EGRESS_FUNCTION, BPF.SCHED_CLS)
+        self.tables = FlowTables(pin_path)
+        self.tables.ensure_active()
+        log.info("metering program loaded (maxFlows %d, tables pinned under %s, kernel headers: %s)",
+                 max_flows, pin_path, self.headers.description)
+
+    @staticmethod
+    def _compile(max_flows: int, pin_path: str):
+        from bcc import BPF
+
+        from kipfix.bpf import SOURCE
+
+        cflags = [f"-DMAX_FLOWS={max_flows}", f'-DPIN_PATH="{pin_path}"', "-w"]
+        return BPF(src_file=str(SOURCE), cflags=cflags)
+
+    @property
+    def ingress_fd(self) -> int:
+        return self.ingress_fn.fd
+
+    @property
+    def egress_fd(self) -> int:
+        return self.egress_fn.fd
+
+    def drain(self) -> list[KernelFlow]:
+        flows = self.tables.drain()
+        if self.carried:
+            flows = self.carried + flows
+            self.carried = []
+        return flows
+
+    def close(self) -> None:
+        """Release this process's handles; pins and attached filters stay."""
+        self.tables.close()
+        self._bpf.cleanup()

@@ -1,0 +1,145 @@
+"""The pinned kernel flow tables: swap-and-drain, read, delete, loss counter.
+
+Works on the pinned maps alone, so the agent and the CLI (dump, flush) share
+it and neither needs the program to be compiled.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from dataclasses import dataclass
+
+from . import bpfsys
+from .flow import FlowCounters, FlowKey
+from .kernelflow import KEY, UNMETERED_STRIDE, VALUE_STRIDE, decode_table, encode_key, sum_unmetered
+
+FLOW_TABLES = ("flows_a", "flows_b")
+ACTIVE_SLOT = "active_table"
+TABLE_FULL = "table_full"
+ZERO = struct.pack("=i", 0)
+
+KernelFlow = tuple[int, FlowKey, FlowCounters]  # (netns_id, key, counters)
+
+
+class TablesNotFound(RuntimeError):
+    pass
+
+
+@dataclass
+class _Table:
+    name: str
+    fd: int
+    id: int
+    max_entries: int
+
+
+class FlowTables:
+    """File descriptors of the pinned maps under ``pin_path``."""
+
+    def __init__(self, pin_path: str):
+        self.pin_path = pin_path
+        self.cpus = bpfsys.possible_cpus()
+        self._fds: list[int] = []
+        try:
+            self.tables = [self._open_table(name) for name in FLOW_TABLES]
+            self.active_fd = self._open(ACTIVE_SLOT)
+            self.full_fd = self._open(TABLE_FULL)
+        except Exception:
+            self.close()
+            raise
+
+    def _open(self, name: str) -> int:
+        path = os.path.join(self.pin_path, name)
+        try:
+            fd = bpfsys.obj_get(path)
+        except bpfsys.BpfError as err:
+            if err.errno == errno.ENOENT:
+                raise TablesNotFound(f"no kipfix flow table pinned at {path}: is the metering program "
+                                     "loaded? (kipfix meter attach, or a running kipfix agent)") from None
+            raise
+        self._fds.append(fd)
+        return fd
+
+    def _open_table(self, name: str) -> _Table:
+        fd = self._open(name)
+        info = bpfsys.map_info(fd)
+        return _Table(name, fd, info.id, info.max_entries)
+
+    @property
+    def capacity(self) -> int:
+        return self.tables[0].max_entries
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> "FlowTables":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- the active slot --------------------------------------------------------
+
+    def ensure_active(self) -> None:
+        """Point the program at a table if the slot is empty (fresh pins)."""
+        if bpfsys.lookup(self.active_fd, ZERO, 4) is None:
+            bpfsys.update(self.active_fd, ZERO, struct.pack("=i", self.tables[0].fd))
+
+    def _active_index(self) -> int:
+        raw = bpfsys.lookup(self.active_fd, ZERO, 4)
+        if raw is None:
+            return 0
+        map_id = struct.unpack("=I", raw)[0]
+        return 1 if map_id == self.tables[1].id else 0
+
+    # -- reading --------------------------------------------------------------
+
+    def _read(self, table: _Table, delete: bool) -> list[KernelFlow]:
+        keys, values, count = bpfsys.read_all(table.fd, KEY.size, VALUE_STRIDE * self.cpus,
+                                              table.max_entries, delete)
+        return decode_table(keys, values, count, self.cpus)
+
+    def drain(self) -> list[KernelFlow]:
+        """Swap tables, then read and clear the one the program left.
+
+        The slot update returns after running programs finished (RCU grace
+        period), so no packet is counted into the old table after this point
+        and nothing counted in it is missed.
+        """
+        active = self._active_index()
+        spare = 1 - active
+        bpfsys.update(self.active_fd, ZERO, struct.pack("=i", self.tables[spare].fd))
+        # Leftovers of a drain cut short (agent killed) stay in that table and
+        # are counted again by the program on the next swap: late, never lost.
+        return self._read(self.tables[active], delete=True)
+
+    def peek(self) -> list[KernelFlow]:
+        """Both tables as they are, without clearing (for dump)."""
+        merged: dict[tuple[int, FlowKey], FlowCounters] = {}
+        for table in self.tables:
+            for netns_id, key, counters in self._read(table, delete=False):
+                known = merged.get((netns_id, key))
+                if known is None:
+                    merged[(netns_id, key)] = counters
+                else:
+                    known.merge(counters)
+        return [(netns_id, key, counters) for (netns_id, key), counters in merged.items()]
+
+    def entries(self) -> int:
+        """Keys currently in the tables (for occupancy reporting)."""
+        return sum(bpfsys.read_all(t.fd, KEY.size, VALUE_STRIDE * self.cpus, t.max_entries, False)[2]
+                   for t in self.tables)
+
+    def delete(self, netns_id: int, key: FlowKey) -> bool:
+        raw = encode_key(netns_id, key)
+        removed = [bpfsys.delete(t.fd, raw) for t in self.tables]
+        return any(removed)
+
+    def unmetered(self) -> tuple[int, int]:
+        """Cumulative (packets, octets) the kernel could not meter: table full."""
+        raw = bpfsys.lookup(self.full_fd, ZERO, UNMETERED_STRIDE * self.cpus)
+        return sum_unmetered(raw, self.cpus) if raw else (0, 0)
