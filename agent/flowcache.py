@@ -1,0 +1,127 @@
+"""User-space flow cache: timeouts and end reasons (RFC 5102 flowEndReason).
+
+The kernel tables hold what arrived since the last drain; the cache holds
+each flow until it ends. A record carries the counts since the previous
+record of the same flow (delta counts), so a long flow cut by the active
+timeout is exported as records that add up to its total.
+
+All times inside the cache are kernel monotonic nanoseconds; they become
+wall-clock time only when a record is made, with an offset sampled then.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from .flow import TCP_FIN, TCP_RST, EndReason, FlowCounters, FlowKey, FlowRecord
+
+CacheKey = tuple[int, FlowKey]  # (netns_id, key)
+# (netns_id, ifindex) -> (netns name, interface name)
+Describe = Callable[[int, int], tuple[str, str]]
+
+
+def monotonic_ns() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+def wall_offset_ns() -> int:
+    """Wall-clock minus monotonic time, sampled as tightly as Python allows."""
+    before = monotonic_ns()
+    wall = time.time_ns()
+    after = monotonic_ns()
+    return wall - (before + after) // 2
+
+
+@dataclass(slots=True)
+class _Entry:
+    counters: FlowCounters | None  # since the last record; None right after one
+    last_seen_ns: int
+
+
+class FlowCache:
+    def __init__(self, idle_timeout: float, active_timeout: float, capacity: int,
+                 describe: Describe | None = None):
+        self.idle_ns = int(idle_timeout * 1e9)
+        self.active_ns = int(active_timeout * 1e9)
+        self.capacity = capacity
+        self.describe = describe or (lambda netns_id, ifindex: ("", ""))
+        # Ordered by last update, oldest first: eviction takes from the front.
+        self._entries: OrderedDict[CacheKey, _Entry] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _record(self, cache_key: CacheKey, counters: FlowCounters, reason: EndReason, offset: int) -> FlowRecord:
+        netns_id, key = cache_key
+        netns, ifname = self.describe(netns_id, key.ifindex)
+        return FlowRecord(
+            key=key, packets=counters.packets, octets=counters.octets,
+            start_ns=counters.first_ns + offset, end_ns=counters.last_ns + offset, end_reason=reason,
+            tcp_flags=counters.tcp_flags, min_ttl=counters.min_ttl, max_ttl=counters.max_ttl, tos=counters.tos,
+            vlan_id=counters.vlan_id, inner_vlan_id=counters.inner_vlan_id, fragment_id=counters.fragment_id,
+            interface_name=ifname, netns=netns)
+
+    def ingest(self, flows: Iterable[tuple[int, FlowKey, FlowCounters]]) -> list[FlowRecord]:
+        """Fold drained kernel flows in. Returns records of flows evicted for
+        lack of resources (the cache was at capacity)."""
+        entries = self._entries
+        for netns_id, key, counters in flows:
+            cache_key = (netns_id, key)
+            entry = entries.get(cache_key)
+            if entry is None:
+                entries[cache_key] = _Entry(counters, counters.last_ns)
+                continue
+            if entry.counters is None:
+                entry.counters = counters
+            else:
+                entry.counters.merge(counters)
+            entry.last_seen_ns = max(entry.last_seen_ns, counters.last_ns)
+            entries.move_to_end(cache_key)
+        evicted = []
+        if len(entries) > self.capacity:
+            offset = wall_offset_ns()
+            while len(entries) > self.capacity:
+                cache_key, entry = entries.popitem(last=False)
+                if entry.counters is not None:
+                    evicted.append(self._record(cache_key, entry.counters, EndReason.LACK_OF_RESOURCES, offset))
+        return evicted
+
+    def expire(self, now_ns: int | None = None) -> list[FlowRecord]:
+        """Records of flows that ended (FIN/RST, idle) or ran past the active timeout."""
+        now_ns = monotonic_ns() if now_ns is None else now_ns
+        offset = wall_offset_ns()
+        out = []
+        ended = []
+        for cache_key, entry in self._entries.items():
+            counters = entry.counters
+            if now_ns - entry.last_seen_ns >= self.idle_ns:
+                if counters is not None:
+                    out.append(self._record(cache_key, counters, EndReason.IDLE_TIMEOUT, offset))
+                ended.append(cache_key)
+            elif counters is None:
+                continue
+            elif counters.tcp_flags & (TCP_FIN | TCP_RST):
+                out.append(self._record(cache_key, counters, EndReason.END_OF_FLOW, offset))
+                ended.append(cache_key)
+            elif now_ns - counters.first_ns >= self.active_ns:
+                out.append(self._record(cache_key, counters, EndReason.ACTIVE_TIMEOUT, offset))
+                entry.counters = None  # the flow goes on; its next record starts with its next packet
+        for cache_key in ended:
+            del self._entries[cache_key]
+        return out
+
+    def flush(self, reason: EndReason = EndReason.FORCED_END,
+              match: Callable[[int, FlowKey], bool] | None = None) -> list[FlowRecord]:
+        """End flows now (all, or those ``match`` selects)."""
+        offset = wall_offset_ns()
+        out = []
+        for cache_key in list(self._entries):
+            if match is not None and not match(*cache_key):
+                continue
+            entry = self._entries.pop(cache_key)
+            if entry.counters is not None:
+                out.append(self._record(cache_key, entry.counters, reason, offset))
+        return out
