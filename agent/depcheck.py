@@ -1,0 +1,390 @@
+"""`kipfix dependency-check`: is this host able to run the metering program?
+
+Each check is fast and leaves nothing behind: the BPF check creates a
+one-entry array map and closes it, the clsact check adds a clsact qdisc to
+``lo`` inside a network namespace that lives only as long as one thread.
+:func:`require_runtime` is what the agent calls at startup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import gzip
+import json
+import os
+import platform
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import threading
+from dataclasses import asdict, dataclass
+from importlib import metadata
+
+from . import headers as kheaders
+
+MIN_KERNEL = (5, 10)
+MIN_PYTHON = (3, 11)
+BPFFS = "/sys/fs/bpf"
+
+_BPF_SYSCALL = {
+    "x86_64": 321,
+    "i386": 357,
+    "i686": 357,
+    "aarch64": 280,
+    "riscv64": 280,
+    "armv7l": 386,
+    "ppc64le": 361,
+    "s390x": 351,
+}
+_BPF_MAP_CREATE = 0
+_BPF_MAP_TYPE_ARRAY = 2
+_CLONE_NEWNET = 0x40000000
+
+PERMISSION_HINT = "run as root or with CAP_BPF+CAP_NET_ADMIN (CAP_SYS_ADMIN on kernels before 5.8)"
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    valid: bool
+    detail: str
+    required: bool = True
+
+    @property
+    def status(self) -> str:
+        return "VALID" if self.valid else "INVALID"
+
+    def line(self, name_width: int = 16) -> str:
+        extra = "" if self.required or self.valid else " (optional)"
+        return f"{self.name:<{name_width}}{self.status:<9}{self.detail}{extra}"
+
+
+class RuntimeRequirementMissing(RuntimeError):
+    """The kernel or the process lacks something the agent needs.
+
+    ``results`` holds the failed checks; the message names each one and how to
+    fix it.
+    """
+
+    def __init__(self, results: list[CheckResult]):
+        self.results = results
+        super().__init__(
+            "cannot run the metering program: "
+            + "; ".join(f"{r.name}: {r.detail}" for r in results)
+        )
+
+
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def parse_kernel_version(release: str) -> tuple[int, int, int] | None:
+    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", release)
+    if not m:
+        return None
+    return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
+
+
+def check_kernel(release: str | None = None) -> CheckResult:
+    release = release or platform.release()
+    version = parse_kernel_version(release)
+    need = ".".join(map(str, MIN_KERNEL))
+    if version is None:
+        return CheckResult("kernel", False, f"cannot parse kernel release {release!r} (>= {need} required)")
+    if version[:2] < MIN_KERNEL:
+        return CheckResult("kernel", False, f"{release} is older than {need}: upgrade the kernel to {need} or newer")
+    return CheckResult("kernel", True, f"{release} (>= {need} required)")
+
+
+def check_bpf_syscall() -> CheckResult:
+    """Create a one-entry array map through bpf(2) and close it."""
+    nr = _BPF_SYSCALL.get(platform.machine())
+    if nr is None:
+        return CheckResult("bpf syscall", False, f"unknown bpf(2) number for {platform.machine()}")
+    # map_type, key_size, value_size, max_entries, map_flags, inner_map_fd,
+    # numa_node, map_name[16]; the rest of union bpf_attr stays zero
+    attr = ctypes.create_string_buffer(
+        struct.pack("=7I16s", _BPF_MAP_TYPE_ARRAY, 4, 4, 1, 0, 0, 0, b"kipfix_check"), 72
+    )
+    libc = _libc()
+    fd = libc.syscall(nr, _BPF_MAP_CREATE, attr, ctypes.sizeof(attr))
+    if fd < 0:
+        err = ctypes.get_errno()
+        if err in (errno.EPERM, errno.EACCES):
+            return CheckResult("bpf syscall", False, f"creating a BPF map: {os.strerror(err)}: {PERMISSION_HINT}")
+        if err == errno.ENOSYS:
+            return CheckResult("bpf syscall", False, "kernel built without CONFIG_BPF_SYSCALL: use a kernel with BPF enabled")
+        return CheckResult("bpf syscall", False, f"creating a BPF map failed: {os.strerror(err)}")
+    os.close(fd)
+    return CheckResult("bpf syscall", True, "created and removed a BPF array map")
+
+
+def check_btf(path: str = "/sys/kernel/btf/vmlinux") -> CheckResult:
+    if os.path.exists(path):
+        return CheckResult("btf", True, f"{path} present", required=False)
+    return CheckResult(
+        "btf", False, f"{path} missing (CONFIG_DEBUG_INFO_BTF); BCC tc programs work without it", required=False
+    )
+
+
+def _kernel_config(path: str = "/proc/config.gz") -> dict[str, str] | None:
+    try:
+        with gzip.open(path, "rt") as f:
+            return dict(
+                line.strip().split("=", 1) for line in f if line.startswith("CONFIG_") and "=" in line
+            )
+    except OSError:
+        return None
+
+
+class _NetnsRefused(OSError):
+    """unshare(CLONE_NEWNET) failed: the probe could not even start."""
+
+
+def _has_capability(bit: int, status: str = "/proc/self/status") -> bool:
+    try:
+        with open(status) as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> bit & 1)
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def _clsact_in_throwaway_netns() -> int:
+    """Add and delete clsact on lo in a netns private to a short-lived thread.
+
+    The network namespace belongs to the thread only (unshare in a thread does
+    not move the process) and disappears with it and its netlink socket.
+    Returns the namespace's inode number.
+    """
+    failure: list[BaseException] = []
+    inode: list[int] = []
+
+    def probe():
+        try:
+            if _libc().unshare(_CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise _NetnsRefused(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
+            inode.append(os.stat("/proc/thread-self/ns/net").st_ino)
+            from pyroute2 import IPRoute
+
+            with IPRoute() as ipr:
+                index = ipr.link_lookup(ifname="lo")[0]
+                ipr.tc("add", "clsact", index)
+                ipr.tc("del", "clsact", index)
+        except BaseException as e:  # reported to the caller
+            failure.append(e)
+
+    t = threading.Thread(target=probe, name="kipfix-clsact-check")
+    t.start()
+    t.join(5)
+    if t.is_alive():
+        raise TimeoutError("clsact probe did not finish in 5 s")
+    if failure:
+        raise failure[0]
+    return inode[0]
+
+
+_CAP_NET_ADMIN = 12
+_CLSACT_KERNEL_HINT = (
+    "use a kernel with CONFIG_NET_SCH_INGRESS and CONFIG_NET_CLS_ACT "
+    "(modprobe sch_ingress if it is built as a module)"
+)
+
+
+def check_clsact(config_path: str = "/proc/config.gz") -> CheckResult:
+    """Probe clsact live; without the right to make a netns, read the kernel config."""
+    try:
+        _clsact_in_throwaway_netns()
+        return CheckResult("clsact", True, "added and removed a clsact qdisc in a throwaway netns")
+    except _NetnsRefused as e:
+        refused = e
+    except Exception as e:  # noqa: BLE001 - netlink or pyroute2 failure becomes the detail
+        code = getattr(e, "code", None) or getattr(e, "errno", None)
+        if code in (errno.EPERM, errno.EACCES):
+            return CheckResult("clsact", False, f"adding a clsact qdisc was refused ({e}): {PERMISSION_HINT}")
+        return CheckResult("clsact", False, f"adding a clsact qdisc failed ({e}): {_CLSACT_KERNEL_HINT}")
+
+    if not _has_capability(_CAP_NET_ADMIN):
+        return CheckResult("clsact", False, f"no CAP_NET_ADMIN to add a clsact qdisc: {PERMISSION_HINT}")
+    config = _kernel_config(config_path)
+    if config is None:
+        return CheckResult(
+            "clsact", True, f"not verified: no throwaway netns ({refused.strerror}) and no {config_path}"
+        )
+    ingress, act = config.get("CONFIG_NET_SCH_INGRESS"), config.get("CONFIG_NET_CLS_ACT")
+    if ingress in ("y", "m") and act == "y":
+        return CheckResult(
+            "clsact", True,
+            f"CONFIG_NET_SCH_INGRESS={ingress} in {config_path} (no live probe: {refused.strerror})",
+        )
+    return CheckResult(
+        "clsact", False,
+        f"kernel config {config_path} has CONFIG_NET_SCH_INGRESS={ingress or 'unset'}, "
+        f"CONFIG_NET_CLS_ACT={act or 'unset'}: {_CLSACT_KERNEL_HINT}",
+    )
+
+
+def check_bpffs(path: str = BPFFS, mounts: str = "/proc/self/mounts") -> CheckResult:
+    try:
+        with open(mounts) as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 3 and fields[1] == path and fields[2] == "bpf":
+                    return CheckResult("bpffs", True, f"bpf filesystem mounted at {path}")
+    except OSError:
+        pass
+    try:
+        with open("/proc/filesystems") as f:
+            supported = any(line.split()[-1:] == ["bpf"] for line in f)
+    except OSError:
+        supported = False
+    if supported:
+        return CheckResult("bpffs", False, f"not mounted at {path}: mount -t bpf bpf {path}")
+    return CheckResult("bpffs", False, f"kernel has no bpf filesystem: cannot pin maps under {path}")
+
+
+def check_kernel_headers(modules_dir: str = kheaders.DEFAULT_MODULES_DIR) -> CheckResult:
+    try:
+        found = kheaders.find_kernel_headers(modules_dir=modules_dir)
+    except kheaders.KernelHeadersMissing as e:
+        return CheckResult("kernel headers", False, str(e))
+    return CheckResult("kernel headers", True, found.description)
+
+
+def check_bcc() -> CheckResult:
+    try:
+        import bcc
+    except Exception as e:  # noqa: BLE001 - ImportError or libbcc OSError
+        return CheckResult(
+            "bcc", False,
+            f"cannot import bcc ({e}): apt-get install python3-bpfcc, and make the venv with "
+            "--system-site-packages from /usr/bin/python3",
+        )
+    libbcc = getattr(getattr(bcc, "libbcc", None), "lib", None)
+    where = f", {libbcc._name}" if libbcc is not None else ""
+    return CheckResult("bcc", True, f"{getattr(bcc, '__version__', 'unknown version')}{where}")
+
+
+def check_pyroute2() -> CheckResult:
+    try:
+        version = metadata.version("pyroute2")
+    except metadata.PackageNotFoundError:
+        return CheckResult("pyroute2", False, "not installed: pip install 'pyroute2>=0.7.9,<0.8'")
+    return CheckResult("pyroute2", True, version)
+
+
+def check_iproute2() -> CheckResult:
+    ip = shutil.which("ip")
+    if ip is None:
+        return CheckResult("iproute2", False, "ip not found: apt-get install iproute2", required=False)
+    try:
+        out = subprocess.run([ip, "-V"], capture_output=True, text=True, timeout=2).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as e:
+        return CheckResult("iproute2", False, f"{ip} -V failed: {e}", required=False)
+    return CheckResult("iproute2", True, out or f"{ip} (no version output)", required=False)
+
+
+def check_python() -> CheckResult:
+    version = platform.python_version()
+    need = ".".join(map(str, MIN_PYTHON))
+    if sys.version_info[:2] < MIN_PYTHON:
+        return CheckResult("python", False, f"{version} is older than {need}")
+    return CheckResult("python", True, f"{version} ({sys.executable})")
+
+
+def run_checks(*, modules_dir: str = kheaders.DEFAULT_MODULES_DIR) -> list[CheckResult]:
+    """All checks, in the order `kipfix dependency-check` prints them."""
+    return [
+        check_kernel(),
+        check_bpf_syscall(),
+        check_btf(),
+        check_clsact(),
+        check_bpffs(),
+        check_kernel_headers(modules_dir),
+        check_bcc(),
+        check_pyroute2(),
+        check_iproute2(),
+        check_python(),
+    ]
+
+
+def all_required_valid(results: list[CheckResult]) -> bool:
+    return all(r.valid or not r.required for r in results)
+
+
+def format_text(results: list[CheckResult]) -> str:
+    width = max(len(r.name) for r in results) + 2
+    return "\n".join(r.line(width) for r in results)
+
+
+def format_json(results: list[CheckResult]) -> str:
+    return json.dumps(
+        {
+            "ok": all_required_valid(results),
+            "checks": [dict(asdict(r), status=r.status) for r in results],
+        },
+        indent=2,
+    )
+
+
+def require_runtime(*, modules_dir: str = kheaders.DEFAULT_MODULES_DIR) -> kheaders.KernelHeaders:
+    """Agent start-up gate: kernel headers, BPF permission, clsact.
+
+    Raises :class:`RuntimeRequirementMissing` naming every missing thing and
+    its fix; otherwise prepares BCC's environment (see
+    :func:`kipfix.agent.headers.prepare_bcc_environment`) and returns the
+    headers it will use.
+    """
+    failed = [
+        r for r in (check_kernel_headers(modules_dir), check_bpf_syscall(), check_clsact()) if not r.valid
+    ]
+    if failed:
+        raise RuntimeRequirementMissing(failed)
+    return kheaders.prepare_bcc_environment(modules_dir=modules_dir)
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument(
+        "--modules-dir",
+        default=kheaders.DEFAULT_MODULES_DIR,
+        help="where to look for <release>/build kernel headers (default: %(default)s; "
+        "e.g. a host mount such as /host/lib/modules)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the checks for parsed arguments; print; return the exit code."""
+    results = run_checks(modules_dir=args.modules_dir)
+    print(format_json(results) if args.json else format_text(results))
+    return 0 if all_required_valid(results) else 1
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add `dependency-check` to a CLI; the handler is ``args.func(args) -> int``."""
+    parser = subparsers.add_parser(
+        "dependency-check",
+        help="check the kernel, permissions and libraries kipfix needs",
+        description="Check the kernel, permissions and libraries kipfix needs. "
+        "Exit code 1 if anything required is INVALID.",
+    )
+    _add_arguments(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kipfix dependency-check")
+    _add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
