@@ -1,0 +1,188 @@
+"""Which Information Elements kipfix fills, and how each comes from a FlowRecord.
+
+Every fillable element has a Python expression over ``r`` (the FlowRecord),
+``k`` (its key) and a few exporter constants (``odid``, ``epid``,
+``init_ms``, ``route``, ``ntp``); template.py compiles a template's
+expressions into one packing function, so a batch is encoded without any
+per-field dispatch. Variable-length expressions produce bytes.
+
+Semantics worth knowing:
+- ingressInterface is the metered ifindex for ingress flows (0 for egress
+  flows); egressInterface the reverse.
+- Transport ports are 0 for ICMP/ICMPv6; the type and code go in
+  icmpTypeCodeIPv4/IPv6 (type << 8 | code), as RFC 7012 defines them.
+- Elements of the other address family than the record's are 0.
+- forwardingStatus is 64 (forwarded, reason unknown) for egress flows and 0
+  (unknown) for ingress flows (RFC 7270).
+- flowStart/EndSysUpTime are milliseconds since systemInitTimeMilliseconds,
+  the boot time of the exporting host.
+- Prefix lengths and next hop come from the routing table of the record's
+  network namespace (routes.py).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from .infomodel import InformationElement, default_model, lookup
+
+Z4 = bytes(4)
+Z16 = bytes(16)
+
+# name -> expression. Elements not listed here cannot be filled by kipfix.
+EXPRESSIONS: dict[str, str] = {
+    "flowStartMilliseconds": "r.start_ns // 1000000",
+    "flowEndMilliseconds": "r.end_ns // 1000000",
+    "flowStartSeconds": "r.start_ns // 1000000000",
+    "flowEndSeconds": "r.end_ns // 1000000000",
+    "flowStartMicroseconds": "ntp_us(r.start_ns)",
+    "flowEndMicroseconds": "ntp_us(r.end_ns)",
+    "flowStartNanoseconds": "ntp(r.start_ns)",
+    "flowEndNanoseconds": "ntp(r.end_ns)",
+    "flowStartSysUpTime": "(r.start_ns // 1000000 - init_ms) & 0xFFFFFFFF",
+    "flowEndSysUpTime": "(r.end_ns // 1000000 - init_ms) & 0xFFFFFFFF",
+    "systemInitTimeMilliseconds": "init_ms",
+    "octetDeltaCount": "r.octets",
+    "packetDeltaCount": "r.packets",
+    "ipVersion": "k.ip_version",
+    "ingressInterface": "(0 if k.direction else k.ifindex)",
+    "egressInterface": "(k.ifindex if k.direction else 0)",
+    "flowDirection": "k.direction",
+    "sourceIPv4Address": "(k.src if k.ip_version == 4 else Z4)",
+    "destinationIPv4Address": "(k.dst if k.ip_version == 4 else Z4)",
+    "sourceIPv6Address": "(k.src if k.ip_version == 6 else Z16)",
+    "destinationIPv6Address": "(k.dst if k.ip_version == 6 else Z16)",
+    "protocolIdentifier": "k.protocol",
+    "sourceTransportPort": "(0 if k.protocol == 1 or k.protocol == 58 else k.sport)",
+    "destinationTransportPort": "(0 if k.protocol == 1 or k.protocol == 58 else k.dport)",
+    "tcpControlBits": "r.tcp_flags",
+    "icmpTypeCodeIPv4": "(k.dport if k.protocol == 1 else 0)",
+    "icmpTypeCodeIPv6": "(k.dport if k.protocol == 58 else 0)",
+    "ipClassOfService": "r.tos",
+    "ipDiffServCodePoint": "r.tos >> 2",
+    "minimumTTL": "r.min_ttl",
+    "maximumTTL": "r.max_ttl",
+    "vlanId": "r.vlan_id",
+    "dot1qVlanId": "r.vlan_id",
+    "dot1qCustomerVlanId": "r.inner_vlan_id",
+    "flowEndReason": "r.end_reason",
+    "forwardingStatus": "(64 if k.direction else 0)",
+    "fragmentIdentification": "r.fragment_id",
+    "sourceIPv4PrefixLength": "(route(r.netns, k.src)[0] if k.ip_version == 4 else 0)",
+    "destinationIPv4PrefixLength": "(route(r.netns, k.dst)[0] if k.ip_version == 4 else 0)",
+    "sourceIPv6PrefixLength": "(route(r.netns, k.src)[0] if k.ip_version == 6 else 0)",
+    "destinationIPv6PrefixLength": "(route(r.netns, k.dst)[0] if k.ip_version == 6 else 0)",
+    "ipNextHopIPv4Address": "(route(r.netns, k.dst)[1] if k.ip_version == 4 else Z4)",
+    "ipNextHopIPv6Address": "(route(r.netns, k.dst)[1] if k.ip_version == 6 else Z16)",
+    "interfaceName": "r.interface_name.encode()",
+    "observationDomainId": "odid",
+    "exportingProcessId": "epid",
+    "networkNamespace": "r.netns.encode()",
+}
+_FILLABLE = {name.casefold(): name for name in EXPRESSIONS}
+
+ROUTE_ELEMENTS = frozenset(n for n, e in EXPRESSIONS.items() if "route(" in e)
+
+# IPv4 element -> IPv6 counterpart, for deriving the other family's template.
+V4_TO_V6 = {
+    "sourceIPv4Address": "sourceIPv6Address",
+    "destinationIPv4Address": "destinationIPv6Address",
+    "sourceIPv4PrefixLength": "sourceIPv6PrefixLength",
+    "destinationIPv4PrefixLength": "destinationIPv6PrefixLength",
+    "ipNextHopIPv4Address": "ipNextHopIPv6Address",
+    "icmpTypeCodeIPv4": "icmpTypeCodeIPv6",
+}
+V6_TO_V4 = {v6: v4 for v4, v6 in V4_TO_V6.items()}
+V4_ADDRESSES = frozenset(("sourceIPv4Address", "destinationIPv4Address", "ipNextHopIPv4Address"))
+V6_ADDRESSES = frozenset(("sourceIPv6Address", "destinationIPv6Address", "ipNextHopIPv6Address"))
+
+
+def fillable_names() -> list[str]:
+    return sorted(EXPRESSIONS)
+
+
+def canonical_name(name: str) -> str:
+    """The IANA spelling of a fillable element; ValueError if unknown or not fillable."""
+    element = lookup(name)  # ValueError names an unknown element
+    canonical = _FILLABLE.get(element.name.casefold())
+    if canonical is None:
+        raise ValueError(f"information element {name!r} is known but kipfix cannot fill it; "
+                         f"accepted: {', '.join(fillable_names())}")
+    return canonical
+
+
+def check_template_fields(names: Sequence[str]) -> None:
+    """ValueError for an unknown, unfillable or duplicated element name."""
+    seen: dict[str, str] = {}
+    for name in names:
+        canonical = canonical_name(name)
+        if canonical in seen:
+            raise ValueError(f"information element {name!r} appears twice (first as {seen[canonical]!r}); "
+                             "accepted: each element at most once per template")
+        seen[canonical] = name
+
+
+def template_family(names: Sequence[str]) -> int | None:
+    """4 or 6 if the template names addresses of only that family, else None."""
+    canonical = {canonical_name(n) for n in names}
+    has4, has6 = bool(canonical & V4_ADDRESSES), bool(canonical & V6_ADDRESSES)
+    if has4 and not has6:
+        return 4
+    if has6 and not has4:
+        return 6
+    return None
+
+
+def counterpart(names: Sequence[str]) -> tuple[str, ...] | None:
+    """The same template for the other address family, or None if not single-family.
+
+    Elements are replaced in place (sourceIPv4Address -> sourceIPv6Address, ...),
+    so collectors see the same field order.
+    """
+    family = template_family(names)
+    if family is None:
+        return None
+    mapping = V4_TO_V6 if family == 4 else V6_TO_V4
+    return tuple(mapping.get(n, n) for n in (canonical_name(n) for n in names))
+
+
+def elements(names: Sequence[str], enterprise_number: int) -> tuple[InformationElement, ...]:
+    model = default_model(enterprise_number)
+    return tuple(model.lookup(canonical_name(n)) for n in names)
+
+
+def _record_length(names: Sequence[str]) -> int:
+    # variable-length elements count at their shortest (one length octet)
+    return sum(1 if e.variable_length else e.length for e in elements(names, 1))
+
+
+def fixed_record_length(names: Sequence[str]) -> int:
+    """Octets of one data record without its variable-length content.
+
+    For a single-family template this is the larger of it and its derived
+    counterpart, since both are sent.
+    """
+    other = counterpart(names)
+    return max(_record_length(names), _record_length(other) if other else 0)
+
+
+def uses_routes(names: Sequence[str]) -> bool:
+    return any(canonical_name(n) in ROUTE_ELEMENTS for n in names)
+
+
+def compile_flow_packer(template, *, observation_domain_id: int, exporting_process_id: int,
+                        system_init_ms: int, route=None):
+    """``pack(records) -> [record bytes]`` for FlowRecords under ``template``.
+
+    ``route(netns, address) -> (prefix_length, next_hop_packed)`` is required
+    when the template uses prefix-length or next-hop elements.
+    """
+    from .template import compile_packer, ntp, ntp_us
+
+    names = [e.name for e in template.elements]
+    if route is None and uses_routes(names):
+        raise ValueError(f"template {template.id} needs routing lookups but no route resolver was given")
+    expressions = [EXPRESSIONS[canonical_name(n)] for n in names]
+    env = {"Z4": Z4, "Z16": Z16, "odid": observation_domain_id, "epid": exporting_process_id,
+           "init_ms": system_init_ms, "route": route, "ntp": ntp, "ntp_us": ntp_us}
+    return compile_packer(template, expressions, env, bind="for k in (r.key,)")
