@@ -17,6 +17,14 @@ MAX_ID = 0xFFFF
 CLASSID_MAJOR = 0x4B00_0000  # "K" major: any value works, it only has to be stable
 
 
+STATE_DIR = "/run/kipfix"
+
+
+def default_path(pin_path: str) -> str:
+    """The id file belonging to the tables pinned at ``pin_path``."""
+    return os.path.join(STATE_DIR, "netns-ids" + pin_path.replace("/", "_") + ".json")
+
+
 def classid(netns_id: int) -> int:
     return CLASSID_MAJOR | netns_id
 
@@ -65,3 +73,15 @@ class NetnsIds:
     def label(self, netns_id: int) -> str:
         entry = self._by_id.get(netns_id)
         return entry["label"] if entry else f"netns#{netns_id}"
+
+
+def programs_for(meter, ids: NetnsIds, netns) -> "Programs":
+    """The meter's programs as tc filters for ``netns`` (a NetnsRef): its id in the classid."""
+    from .tc import Programs
+
+    inode = netns.inode()
+    if inode is None:
+        from .netns import NetnsNotFound
+        raise NetnsNotFound(netns)
+    netns_id = ids.assign(inode, "" if netns.is_host else str(netns))
+    return Programs(meter.ingress_fd, meter.egress_fd, classid=classid(netns_id))
