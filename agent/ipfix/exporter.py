@@ -1,0 +1,334 @@
+"""The IPFIX exporting process: a FlowSink sending to one or more collectors.
+
+``export()`` encodes each chunk of records once per template (in the
+caller's thread, no network) and offers it to every collector session. Each
+session has a bounded queue and its own sender thread, so an unreachable or
+slow collector never blocks export() or the other collectors; a chunk that
+does not fit a session's queue is dropped for that collector and counted
+(notSent* in the Exporting Process Reliability options record).
+
+Templates and options records are sent immediately at start (and on every
+TCP/TLS connection); over UDP they are re-sent every
+``template_refresh_seconds`` and every ``template_refresh_messages``
+messages. Over TCP/TLS, templates go once per connection, the options
+records on the refresh interval; at close, templates are withdrawn
+(never over UDP).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from ..flow import FlowRecord
+from ..sink import MeteringStats
+from . import fields
+from .options import ExportCounters, OptionsReporter
+from .routes import RouteResolver
+from .session import ExportSession, FlowTemplate, build_flow_templates, free_ids
+from .template import Template
+from .transport import TransportError, make_transport
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK = 1024
+
+
+def system_init_ms() -> int:
+    """Wall-clock time of boot in ms: the zero of flowStart/EndSysUpTime."""
+    return (time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)) // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """One chunk of flows, encoded per template: ``groups`` of (template id, records, fixed length)."""
+
+    groups: tuple
+    flows: int
+    packets: int
+    octets: int
+
+
+class CollectorSession:
+    """One collector: transport, export session, bounded queue and sender thread."""
+
+    def __init__(self, config, templates: Sequence[Template], options: OptionsReporter,
+                 stats: Callable[[], MeteringStats], domain_id: int,
+                 reconnect_initial: float = 0.5, reconnect_max: float = 30.0):
+        self.config = config
+        self.name = f"{config.transport}://{config.address}"
+        self.transport = make_transport(config)  # ValueError for unusable TLS files
+        self.session = ExportSession(domain_id, config.max_message_size, templates)
+        self.options = options
+        self.stats = stats
+        self.counters = ExportCounters()
+        self.reconnect_initial, self.reconnect_max = reconnect_initial, reconnect_max
+        self._queue: collections.deque[Batch] = collections.deque()
+        self._queued = 0
+        self._cond = threading.Condition()
+        self._closing = False
+        self._deadline = 0.0
+        self._need_templates = True
+        self._options_due = True
+        self._last_refresh = 0.0
+        self._thread = threading.Thread(target=self._run, name=f"ipfix {self.name}", daemon=True)
+        self._thread.start()
+
+    # -- producer side ---------------------------------------------------------
+
+    def offer(self, batch: Batch) -> bool:
+        """Queue ``batch``; False (and counted as not sent) if the queue is full."""
+        with self._cond:
+            if not self._closing and (not self._queue or self._queued + batch.flows <= self.config.queue_size):
+                self._queue.append(batch)
+                self._queued += batch.flows
+                self._cond.notify()
+                return True
+            self._count_dropped(batch)
+            return False
+
+    def _count_dropped(self, batch: Batch) -> None:
+        self.counters.not_sent_flows += batch.flows
+        self.counters.not_sent_packets += batch.packets
+        self.counters.not_sent_octets += batch.octets
+
+    @property
+    def queued_flows(self) -> int:
+        return self._queued
+
+    def close(self, timeout: float) -> None:
+        with self._cond:
+            self._closing = True
+            self._deadline = time.monotonic() + timeout
+            self._cond.notify()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+        with self._cond:
+            left = list(self._queue)
+            self._queue.clear()
+            self._queued = 0
+            for batch in left:
+                self._count_dropped(batch)
+        if left:
+            log.warning("%s: %d flows not sent before close", self.name, sum(b.flows for b in left))
+
+    # -- sender thread -----------------------------------------------------------
+
+    def _refresh_due(self, now: float) -> bool:
+        return now - self._last_refresh >= self.config.template_refresh_seconds
+
+    def _run(self) -> None:
+        backoff = self.reconnect_initial
+        reported = False
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing and not self._need_templates \
+                        and not self._options_due and not self._refresh_due(time.monotonic()):
+                    wait = self._last_refresh + self.config.template_refresh_seconds - time.monotonic()
+                    self._cond.wait(max(wait, 0.001))
+                if self._closing and (not self._queue or time.monotonic() >= self._deadline):
+                    break
+            if not self.transport.alive():
+                try:
+                    self.transport.connect()
+                except (TransportError, OSError) as err:
+                    if not reported:
+                        log.warning("%s: collector unreachable (%s); retrying with backoff up to %gs",
+                                    self.name, err, self.reconnect_max)
+                        reported = True
+                    with self._cond:
+                        if not self._closing:
+                            self._cond.wait(backoff)
+                        elif time.monotonic() >= self._deadline:
+                            break
+                        else:
+                            self._cond.wait(min(backoff, self._deadline - time.monotonic()))
+                    backoff = min(backoff * 2, self.reconnect_max)
+                    continue
+                if reported:
+                    log.warning("%s: connected again", self.name)
+                reported = False
+                backoff = self.reconnect_initial
+                if self.transport.stream:
+                    self.session.reset()
+                self._need_templates = True
+            try:
+                self._send_pending()
+            except TransportError as err:
+                log.warning("%s: %s", self.name, err)
+                if not self.transport.stream:  # UDP: wait a moment before trying again
+                    with self._cond:
+                        if not self._closing:
+                            self._cond.wait(backoff)
+                    backoff = min(backoff * 2, self.reconnect_max)
+        if self.transport.stream and self.transport.alive():
+            try:
+                self.transport.send(self.session.withdrawal_message(int(time.time())))
+            except TransportError:
+                pass
+        self.transport.close()
+
+    def _send(self, message: bytes) -> None:
+        self.transport.send(message)
+        self.counters.messages += 1
+        self.counters.octets += len(message)
+
+    def _send_templates(self) -> None:
+        for message in self.session.template_messages(int(time.time())):
+            self._send(message)
+        self._need_templates = False
+
+    def _send_options(self) -> None:
+        now = time.time()
+        groups = self.options.groups(self.stats(), self.counters, int(now * 1000))
+        for packed in self.session.data_messages(groups, int(now)):
+            try:
+                self._send(packed.message)
+            except TransportError:
+                self.session.sequence = (self.session.sequence - packed.records) & 0xFFFFFFFF
+                raise
+            self.counters.records += packed.records
+        self._options_due = False
+        self._last_refresh = time.monotonic()
+
+    def _send_pending(self) -> None:
+        now = time.monotonic()
+        udp = not self.transport.stream
+        if self._need_templates or (udp and self._refresh_due(now)):
+            self._send_templates()
+            self._options_due = True
+        if self._options_due or self._refresh_due(now):
+            self._send_options()
+        while True:
+            with self._cond:
+                if not self._queue:
+                    return
+                batch = self._queue[0]
+            self._send_batch(batch)
+            with self._cond:
+                self._queue.popleft()
+                self._queued -= batch.flows
+            if udp and self._refresh_due(time.monotonic()):
+                return  # the next round re-sends templates and options first
+
+    def _send_batch(self, batch: Batch) -> None:
+        too_large: list = []
+        refresh_messages = self.config.template_refresh_messages
+        udp = not self.transport.stream
+        start = (0, 0)
+        for packed in self.session.data_messages(batch.groups, int(time.time()), too_large):
+            if udp and self.session.messages_since_templates > refresh_messages:
+                self._send_templates()
+                self._options_due = True
+                self.session.messages_since_templates = 1
+            try:
+                self._send(packed.message)
+            except TransportError:
+                self.session.sequence = (self.session.sequence - packed.records) & 0xFFFFFFFF
+                self._requeue_rest(batch, start)
+                raise
+            self.counters.records += packed.records
+            start = packed.end
+        if too_large:
+            self.counters.not_sent_flows += len(too_large)
+            log.warning("%s: %d records larger than maxMessageSize %d were not sent", self.name,
+                        len(too_large), self.config.max_message_size)
+
+    def _requeue_rest(self, batch: Batch, start: tuple[int, int]) -> None:
+        set_index, record_index = start
+        groups = list(batch.groups[set_index:])
+        if groups and record_index:
+            first = groups[0]
+            groups[0] = (first[0], first[1][record_index:]) + tuple(first[2:])
+        with self._cond:
+            if self._queue and self._queue[0] is batch:
+                self._queue[0] = Batch(tuple(groups), batch.flows, batch.packets, batch.octets)
+
+
+class IpfixExporter:
+    """FlowSink exporting IPFIX to every collector in ``collectors`` (CollectorConfig).
+
+    ``templates`` are TemplateConfig (id, fields); every record is exported
+    once per template (IPv6 records of an IPv4-only template go to its derived
+    counterpart, and vice versa). ValueError for bad templates or TLS files.
+    """
+
+    def __init__(self, collectors: Sequence, templates: Sequence, observation_domain_id: int,
+                 enterprise_number: int = 32473, *, exporting_process_id: int | None = None,
+                 route_resolver: Callable | None = None, chunk_size: int = DEFAULT_CHUNK,
+                 reconnect_initial: float = 0.5, reconnect_max: float = 30.0):
+        self.observation_domain_id = observation_domain_id
+        self.exporting_process_id = (os.getpid() if exporting_process_id is None else exporting_process_id)
+        self.system_init_ms = system_init_ms()
+        self.flow_templates: list[FlowTemplate] = build_flow_templates(templates, enterprise_number)
+        ids = free_ids(ft.template.id for ft in self.flow_templates)
+        self.options = OptionsReporter([next(ids) for _ in range(4)], observation_domain_id,
+                                       self.exporting_process_id, self.system_init_ms)
+        self._own_resolver = None
+        names = [e.name for ft in self.flow_templates for e in ft.template.elements]
+        if route_resolver is None and fields.uses_routes(names):
+            route_resolver = self._own_resolver = RouteResolver()
+        self._packers = [fields.compile_flow_packer(ft.template, observation_domain_id=observation_domain_id,
+                                                    exporting_process_id=self.exporting_process_id,
+                                                    system_init_ms=self.system_init_ms, route=route_resolver)
+                         for ft in self.flow_templates]
+        self._fixed = [0 if ft.template.variable else ft.template.min_record_length for ft in self.flow_templates]
+        self.chunk_size = chunk_size
+        self.stats = MeteringStats()
+        all_templates = [ft.template for ft in self.flow_templates] + self.options.templates
+        self.sessions: list[CollectorSession] = []
+        try:
+            for collector in collectors:
+                self.sessions.append(CollectorSession(collector, all_templates, self.options, lambda: self.stats,
+                                                      observation_domain_id, reconnect_initial, reconnect_max))
+        except Exception:
+            self.close(0)
+            raise
+        for ft in self.flow_templates:
+            log.info("IPFIX template %d (%s): %s", ft.template.id,
+                     "all flows" if ft.family is None else f"IPv{ft.family} flows",
+                     ", ".join(e.name for e in ft.template.elements))
+
+    def encode(self, records: Sequence[FlowRecord]) -> tuple:
+        """``(template id, [record bytes], fixed length or 0)`` groups for ``records``."""
+        by_family: dict[int, list[FlowRecord]] = {}
+        groups = []
+        for ft, pack, fixed in zip(self.flow_templates, self._packers, self._fixed):
+            if ft.family is None:
+                selected = records
+            else:
+                selected = by_family.get(ft.family)
+                if selected is None:
+                    selected = by_family[ft.family] = [r for r in records if r.key.ip_version == ft.family]
+            if selected:
+                groups.append((ft.template.id, pack(selected), fixed))
+        return tuple(groups)
+
+    def export(self, records: Sequence[FlowRecord], stats: MeteringStats) -> None:
+        self.stats = stats
+        for start in range(0, len(records), self.chunk_size):
+            chunk = records[start:start + self.chunk_size]
+            batch = Batch(self.encode(chunk), len(chunk), sum(r.packets for r in chunk),
+                          sum(r.octets for r in chunk))
+            for session in self.sessions:
+                session.offer(batch)
+
+    def counters(self) -> dict[str, ExportCounters]:
+        """Per collector (transport://address): messages, records, octets sent; flows etc. not sent."""
+        return {s.name: s.counters for s in self.sessions}
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Send what is queued (waiting at most ``timeout`` s in all), withdraw TCP templates, stop."""
+        deadline = time.monotonic() + timeout
+        for session in self.sessions:
+            session.close(timeout)
+        for session in self.sessions:
+            session.join(max(deadline - time.monotonic(), 0) + 0.5)
+        if self._own_resolver is not None:
+            self._own_resolver.close()
