@@ -101,8 +101,8 @@ class Meter:
         self._bpf = self._compile(max_flows, pin_path)
         from bcc import BPF
 
-        self.ingress_fn = self._bpf.load_func(INGRESS_FUNCTION, BPF.SCHED_CLS)
-        self.egress_fn = self._bpf.load_func(EGRESS_FUNCTION, BPF.SCHED_CLS)
+        self.ingress_fn = self._bpf.load_func(INGRESS_FUNCTION.encode(), BPF.SCHED_CLS)
+        self.egress_fn = self._bpf.load_func(EGRESS_FUNCTION.encode(), BPF.SCHED_CLS)
         self.tables = FlowTables(pin_path)
         self.tables.ensure_active()
         log.info("metering program loaded (maxFlows %d, tables pinned under %s, kernel headers: %s)",
@@ -115,7 +115,7 @@ class Meter:
         from kipfix.bpf import SOURCE
 
         cflags = [f"-DMAX_FLOWS={max_flows}", f'-DPIN_PATH="{pin_path}"', "-w"]
-        return BPF(src_file=str(SOURCE), cflags=cflags)
+        return BPF(src_file=str(SOURCE).encode(), cflags=cflags)
 
     @property
     def ingress_fd(self) -> int:
