@@ -70,12 +70,15 @@ class InterfaceNotFound(TcError, LookupError):
 
 @dataclass(frozen=True)
 class Programs:
-    """The two metering programs: fds of loaded SCHED_CLS programs and filter names."""
+    """The two metering programs: fds of loaded SCHED_CLS programs, filter names,
+    and the filter classid (the kernel hands it to the program in
+    skb->tc_classid; kipfix puts its netns id there, see netnsids.py)."""
 
     ingress_fd: int | None
     egress_fd: int | None
     ingress_name: str = INGRESS_NAME
     egress_name: str = EGRESS_NAME
+    classid: int = 1
 
     def hooks(self) -> list[tuple[str, int, str]]:
         out = []
@@ -245,7 +248,8 @@ def attach_link(ipr: Any, netns: NetnsRef, cookie: int, ifindex: int, ifname: st
     for direction, fd, name in programs.hooks():
         try:
             ipr.tc("replace-filter", "bpf", ifindex, HANDLE, fd=fd, name=name,
-                   parent=PARENTS[direction], classid=1, direct_action=True, prio=PRIO)
+                   parent=PARENTS[direction], classid=programs.classid, direct_action=True,
+                   prio=PRIO)
         except NetlinkError as err:
             if err.code == errno.ENODEV:
                 raise InterfaceNotFound(netns, ifname) from None

@@ -7,6 +7,7 @@ tests never touch the host's own interfaces.
 Fixtures
 - ``netns_factory``: NetnsFactory; ``.netns()`` makes a uniquely named netns
   (lo up), ``.veth(ns_a, ns_b)`` a veth pair between two of them,
+  ``.iface(ns, name)`` one interface in a netns,
   ``.sleeper(ns)`` a process living in a netns (for /proc/PID/ns/net).
 - ``veth_pair``: two netns joined by a veth pair with IPv4 addresses (IPv6
   off, so packet counts are exact): VethPair(ns_a, ns_b, if_a, if_b, ip_a, ip_b).
@@ -61,6 +62,7 @@ class NetnsFactory:
     def __init__(self) -> None:
         self.namespaces: list[str] = []
         self.processes: list[subprocess.Popen] = []
+        self._scratch: str | None = None
 
     def netns(self, prefix: str = "kxtest") -> str:
         name = f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -83,9 +85,14 @@ class NetnsFactory:
                 _ip("-n", ns, "link", "set", ifname, "up")
         return if_a, if_b
 
-    def dummy(self, ns: str, ifname: str | None = None) -> str:
-        ifname = ifname or unique_ifname("kxd")
-        _ip("-n", ns, "link", "add", ifname, "type", "dummy")
+    def iface(self, ns: str, ifname: str | None = None) -> str:
+        """One interface in ``ns`` (this kernel has no dummy driver: a veth whose
+        peer lives in a scratch netns, so it is the only new name in ``ns``)."""
+        if self._scratch is None:
+            self._scratch = self.netns("kxscratch")
+        ifname = ifname or unique_ifname("kxi")
+        _ip("-n", ns, "link", "add", ifname, "type", "veth", "peer", "name",
+            unique_ifname("kxp"), "netns", self._scratch)
         return ifname
 
     def sleeper(self, ns: str) -> int:

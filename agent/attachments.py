@@ -1,0 +1,432 @@
+"""Keep kipfix attached to the interfaces the configuration selects.
+
+``AttachmentManager`` holds the desired set -- per network namespace, the
+selectors of the config's ``interfaces`` entries -- and makes the kernel
+match it:
+
+- ``apply(interfaces)`` attaches every matching interface and detaches the
+  ones no longer selected; only the difference changes (SIGHUP reload).
+- One background thread follows netlink link events of every watched netns:
+  a matching interface that appears (or is re-created, or renamed into a
+  match) is attached as soon as its RTM_NEWLINK arrives; one that disappears
+  is forgotten without error; one renamed out of the selection is detached.
+- A named/path netns that does not exist yet is retried every second; one
+  that disappears is forgotten (and watched for again).
+- ``detach_all()`` removes everything at shutdown; ``close()`` only stops
+  the thread and closes sockets (for --keep-attached).
+
+A failure on one interface (or netns) is logged, counted in ``errors`` and
+passed to ``on_error``; it never raises out of the manager and never
+disturbs the other attachments.
+
+Each netns gets a small numeric id from ``NetnsIds``; it is put in the tc
+filter's classid so the program can key flows by netns, and
+``ifname(netns_id, ifindex)`` turns a flow's (netns id, ifindex) back into
+an interface name for the records.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import os
+import select
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, NamedTuple
+
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import RTMGRP_LINK
+
+from . import tc
+from .ifselect import Selector, matches_any
+from .netns import NetnsNotFound, NetnsRef, netns_cookie, open_iproute
+from .netnsids import NetnsIds, classid, default_path
+
+log = logging.getLogger("kipfix.attach")
+
+RECHECK_INTERVAL = 1.0  # seconds between netns existence checks
+RECENT_NAMES = 4096  # names of departed interfaces kept for flows drained later
+
+
+class Attached(NamedTuple):
+    netns: str
+    ifname: str
+    ifindex: int
+
+
+@dataclass(frozen=True)
+class AttachError:
+    netns: str
+    ifname: str
+    message: str
+    time: float = field(default_factory=time.time)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def programs_for(meter: Any, pin_path: str, netns: NetnsRef | str) -> tc.Programs:
+    """The meter's programs with the classid carrying ``netns``'s id (for the CLI)."""
+    ref = NetnsRef.parse(netns)
+    inode = ref.inode()
+    if inode is None:
+        raise NetnsNotFound(ref)
+    netns_id = NetnsIds(default_path(pin_path)).assign(inode, str(ref))
+    return tc.Programs(meter.ingress_fd, meter.egress_fd, classid=classid(netns_id))
+
+
+def group_selections(interfaces: Iterable[Any]) -> dict[NetnsRef, tuple[Selector, ...]]:
+    """Config ``interfaces`` (objects with .netns/.names/.exclude, or
+    (netns, Selector) pairs) grouped by netns."""
+    out: dict[NetnsRef, list[Selector]] = {}
+    for item in interfaces:
+        if isinstance(item, tuple):
+            netns, selector = item
+        else:
+            netns, selector = item.netns, Selector(tuple(item.names), tuple(item.exclude))
+        out.setdefault(NetnsRef.parse(netns), []).append(selector)
+    return {ref: tuple(sels) for ref, sels in out.items()}
+
+
+class _Watch:
+    """One watched netns: its sockets and what kipfix attached in it."""
+
+    def __init__(self, ref: NetnsRef, selectors: tuple[Selector, ...], inode: int, netns_id: int,
+                 cookie: int, programs: tc.Programs, monitor: Any, command: Any) -> None:
+        self.ref = ref
+        self.selectors = selectors
+        self.inode = inode
+        self.netns_id = netns_id
+        self.cookie = cookie
+        self.programs = programs
+        self.monitor = monitor
+        self.command = command
+        self.attached: dict[int, str] = {}
+
+    def close(self) -> None:
+        for sock in (self.monitor, self.command):
+            try:
+                sock.close()
+            except Exception:  # closing must not fail shutdown
+                pass
+
+
+class AttachmentManager:
+    def __init__(self, meter: Any, netns_ids: NetnsIds, *, state_file: str | None = None,
+                 on_error: Callable[[AttachError], None] | None = None,
+                 recheck_interval: float = RECHECK_INTERVAL,
+                 ingress_name: str = tc.INGRESS_NAME, egress_name: str = tc.EGRESS_NAME) -> None:
+        self.meter = meter
+        self.netns_ids = netns_ids
+        self.state = tc.OwnershipState(state_file)
+        self.on_error = on_error
+        self.recheck_interval = recheck_interval
+        self.ingress_name = ingress_name
+        self.egress_name = egress_name
+        self.errors: collections.deque[AttachError] = collections.deque(maxlen=1000)
+        self.error_count = 0
+        self._lock = threading.RLock()
+        self._desired: dict[NetnsRef, tuple[Selector, ...]] = {}
+        self._watches: dict[NetnsRef, _Watch] = {}
+        self._missing: set[NetnsRef] = set()
+        self._recent: collections.OrderedDict[tuple[int, int], str] = collections.OrderedDict()
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._thread = threading.Thread(target=self._run, name="kipfix-links", daemon=True)
+        self._thread.start()
+
+    # ---- public API ----------------------------------------------------------------
+
+    def apply(self, interfaces: Iterable[Any]) -> None:
+        """Make the desired set ``interfaces``; changes only what differs."""
+        new = group_selections(interfaces)
+        with self._lock:
+            for ref in list(self._desired):
+                if ref not in new:
+                    self._drop(ref, detach=True)
+            for ref, selectors in new.items():
+                watch = self._watches.get(ref)
+                if watch is None:
+                    self._missing.discard(ref)
+                    self._desired[ref] = selectors
+                    self._start(ref, report=True)
+                elif watch.selectors != selectors:
+                    self._desired[ref] = selectors
+                    watch.selectors = selectors
+                    self._reconcile(watch, report_missing=True)
+        self._wake()
+
+    def attached(self) -> list[Attached]:
+        with self._lock:
+            return sorted(Attached(str(w.ref), name, idx)
+                          for w in self._watches.values() for idx, name in w.attached.items())
+
+    def interface_names(self, netns: NetnsRef | str = "") -> dict[int, str]:
+        """ifindex -> name of the interfaces attached in one netns."""
+        ref = NetnsRef.parse(netns)
+        with self._lock:
+            watch = self._watches.get(ref)
+            return dict(watch.attached) if watch else {}
+
+    def ifname(self, netns_id: int, ifindex: int) -> str:
+        """Name of an interface a flow was metered on ("" if never seen)."""
+        with self._lock:
+            for watch in self._watches.values():
+                if watch.netns_id == netns_id and ifindex in watch.attached:
+                    return watch.attached[ifindex]
+            return self._recent.get((netns_id, ifindex), "")
+
+    def interface_table(self) -> list[tuple[int, str]]:
+        """(ifindex, name) of every attached interface, for interface tables."""
+        return sorted({(a.ifindex, a.ifname) for a in self.attached()})
+
+    def netns_id(self, netns: NetnsRef | str) -> int | None:
+        with self._lock:
+            watch = self._watches.get(NetnsRef.parse(netns))
+            return watch.netns_id if watch else None
+
+    def detach_all(self) -> None:
+        """Detach every kipfix filter this manager attached and forget the desired set."""
+        with self._lock:
+            for ref in list(self._watches):
+                self._drop(ref, detach=True)
+            self._desired.clear()
+            self._missing.clear()
+        self._wake()
+
+    def close(self) -> None:
+        """Stop following events and close sockets; attachments stay in the kernel."""
+        self._stop.set()
+        self._wake()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        with self._lock:
+            for watch in self._watches.values():
+                watch.close()
+            self._watches.clear()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __enter__(self) -> "AttachmentManager":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- watches ---------------------------------------------------------------------
+
+    def _start(self, ref: NetnsRef, report: bool) -> bool:
+        """Open sockets in the netns, then attach what matches. False if it is missing."""
+        monitor = command = None
+        try:
+            inode = ref.inode()
+            if inode is None:
+                raise NetnsNotFound(ref)
+            cookie = netns_cookie(ref)
+            monitor = open_iproute(ref)
+            monitor.bind(groups=RTMGRP_LINK)  # before the dump: no link event slips between
+            command = open_iproute(ref)
+            netns_id = self.netns_ids.assign(inode, str(ref))
+        except NetnsNotFound as err:
+            for sock in (monitor, command):
+                if sock is not None:
+                    sock.close()
+            self._missing.add(ref)
+            if report:
+                self._error(str(ref), "", f"{err}; kipfix attaches when it appears")
+            return False
+        except Exception as err:  # noqa: BLE001 -- one bad netns must not stop the others
+            for sock in (monitor, command):
+                if sock is not None:
+                    sock.close()
+            self._missing.add(ref)
+            self._error(str(ref), "", f"netns {ref}: cannot watch interfaces: {err}")
+            return False
+        programs = tc.Programs(self.meter.ingress_fd, self.meter.egress_fd, self.ingress_name,
+                               self.egress_name, classid=classid(netns_id))
+        watch = _Watch(ref, self._desired[ref], inode, netns_id, cookie, programs, monitor, command)
+        self._watches[ref] = watch
+        self._missing.discard(ref)
+        self._reconcile(watch, report_missing=True)
+        return True
+
+    def _drop(self, ref: NetnsRef, detach: bool) -> None:
+        watch = self._watches.pop(ref, None)
+        self._desired.pop(ref, None)
+        self._missing.discard(ref)
+        if watch is None:
+            return
+        if detach:
+            for ifindex in list(watch.attached):
+                self._detach(watch, ifindex)
+        for ifindex, name in watch.attached.items():
+            self._remember(watch.netns_id, ifindex, name)
+        watch.close()
+
+    def _forget_netns(self, watch: _Watch) -> None:
+        """The netns went away: forget it without error and look for it again."""
+        log.info("netns %s disappeared: forgetting its %d attached interfaces", watch.ref,
+                 len(watch.attached))
+        for ifindex, name in watch.attached.items():
+            self._remember(watch.netns_id, ifindex, name)
+        self._watches.pop(watch.ref, None)
+        watch.close()
+        self._missing.add(watch.ref)
+
+    def _remember(self, netns_id: int, ifindex: int, name: str) -> None:
+        self._recent[(netns_id, ifindex)] = name
+        self._recent.move_to_end((netns_id, ifindex))
+        while len(self._recent) > RECENT_NAMES:
+            self._recent.popitem(last=False)
+
+    # ---- per interface ---------------------------------------------------------------
+
+    def _reconcile(self, watch: _Watch, report_missing: bool = False) -> None:
+        try:
+            current = tc.links(watch.command)
+        except Exception as err:  # noqa: BLE001
+            self._error(str(watch.ref), "", f"netns {watch.ref}: cannot list interfaces: {err}")
+            return
+        for ifindex in list(watch.attached):
+            if ifindex not in current:
+                self._gone(watch, ifindex)
+        for ifindex, name in sorted(current.items()):
+            self._link_seen(watch, ifindex, name)
+        if report_missing:
+            present = set(current.values())
+            for selector in watch.selectors:
+                for name in selector.exact_names:
+                    if name not in present:
+                        where = tc._locate(name, watch.ref)
+                        msg = str(tc.InterfaceNotFound(watch.ref, name, where))
+                        self._error(str(watch.ref), name, f"{msg}; kipfix attaches it when it appears")
+
+    def _link_seen(self, watch: _Watch, ifindex: int, name: str) -> None:
+        wanted = matches_any(watch.selectors, name)
+        known = watch.attached.get(ifindex)
+        if wanted and known is None:
+            self._attach(watch, ifindex, name)
+        elif wanted and known != name:
+            log.info("interface %s (ifindex %d) in netns %s renamed to %s", known, ifindex,
+                     watch.ref, name)
+            watch.attached[ifindex] = name
+        elif not wanted and known is not None:
+            self._detach(watch, ifindex)
+
+    def _attach(self, watch: _Watch, ifindex: int, name: str) -> None:
+        try:
+            tc.attach_link(watch.command, watch.ref, watch.cookie, ifindex, name, watch.programs,
+                           self.state)
+        except tc.InterfaceNotFound:
+            return  # vanished between the event and the attach: its DELLINK follows
+        except Exception as err:  # noqa: BLE001 -- counted and reported, never raised
+            self._error(str(watch.ref), name, str(err))
+            return
+        watch.attached[ifindex] = name
+        log.info("attached kipfix to %s (ifindex %d) in netns %s", name, ifindex, watch.ref)
+
+    def _detach(self, watch: _Watch, ifindex: int) -> None:
+        name = watch.attached.pop(ifindex, "")
+        self._remember(watch.netns_id, ifindex, name)
+        try:
+            tc.detach_link(watch.command, watch.ref, watch.cookie, ifindex, name, self.state)
+        except Exception as err:  # noqa: BLE001
+            self._error(str(watch.ref), name, str(err))
+            return
+        log.info("detached kipfix from %s (ifindex %d) in netns %s", name, ifindex, watch.ref)
+
+    def _gone(self, watch: _Watch, ifindex: int) -> None:
+        name = watch.attached.pop(ifindex, None)
+        if name is None:
+            return
+        self._remember(watch.netns_id, ifindex, name)
+        try:
+            self.state.forget(watch.cookie, ifindex)  # its clsact died with it
+        except OSError:
+            pass
+        log.info("interface %s (ifindex %d) in netns %s disappeared", name, ifindex, watch.ref)
+
+    def _error(self, netns: str, ifname: str, message: str) -> None:
+        err = AttachError(netns, ifname, message)
+        self.errors.append(err)
+        self.error_count += 1
+        log.warning("%s", message)
+        if self.on_error is not None:
+            try:
+                self.on_error(err)
+            except Exception:  # noqa: BLE001 -- a broken callback must not break attaching
+                log.exception("attachment error callback failed")
+
+    # ---- the event thread ------------------------------------------------------------
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def _run(self) -> None:
+        next_check = time.monotonic() + self.recheck_interval
+        while not self._stop.is_set():
+            with self._lock:
+                by_fd = {w.monitor.fileno(): w for w in self._watches.values()}
+            timeout = max(0.0, next_check - time.monotonic())
+            try:
+                ready, _, _ = select.select([self._wake_r, *by_fd], [], [], timeout)
+            except (OSError, ValueError):
+                ready = []  # a socket closed under us: rebuild the set
+                time.sleep(0.05)
+            if self._stop.is_set():
+                return
+            for fd in ready:
+                if fd == self._wake_r:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except OSError:
+                        pass
+                    continue
+                with self._lock:
+                    watch = by_fd[fd]
+                    if self._watches.get(watch.ref) is watch:
+                        self._events(watch)
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + self.recheck_interval
+                with self._lock:
+                    self._recheck()
+
+    def _events(self, watch: _Watch) -> None:
+        try:
+            messages = watch.monitor.get()
+        except (OSError, NetlinkError) as err:
+            code = getattr(err, "errno", None) or getattr(err, "code", None)
+            if code == errno.ENOBUFS:
+                log.warning("netns %s: netlink events overflowed; re-reading interfaces", watch.ref)
+                self._reconcile(watch)
+            return
+        for msg in messages:
+            event = msg.get("event")
+            ifindex = msg.get("index")
+            if event == "RTM_NEWLINK":
+                name = msg.get_attr("IFLA_IFNAME")
+                if name:
+                    self._link_seen(watch, ifindex, name)
+            elif event == "RTM_DELLINK":
+                self._gone(watch, ifindex)
+
+    def _recheck(self) -> None:
+        """Notice netns that vanished or were replaced, and ones that appeared."""
+        for watch in list(self._watches.values()):
+            if watch.ref.is_host:
+                continue
+            if watch.ref.inode() != watch.inode:
+                self._forget_netns(watch)
+        for ref in list(self._missing):
+            if ref in self._desired and ref not in self._watches and ref.inode() is not None:
+                if self._start(ref, report=False):
+                    log.info("netns %s appeared: watching it", ref)
