@@ -134,6 +134,7 @@ class AttachmentManager:
         self._missing: set[NetnsRef] = set()
         self._recent: collections.OrderedDict[tuple[int, int], str] = collections.OrderedDict()
         self._stop = threading.Event()
+        self._closed = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._thread = threading.Thread(target=self._run, name="kipfix-links", daemon=True)
         self._thread.start()
@@ -144,6 +145,8 @@ class AttachmentManager:
         """Make the desired set ``interfaces``; changes only what differs."""
         new = group_selections(interfaces)
         with self._lock:
+            if self._closed:
+                raise RuntimeError("AttachmentManager.apply() after close()")
             for ref in list(self._desired):
                 if ref not in new:
                     self._drop(ref, detach=True)
@@ -198,9 +201,18 @@ class AttachmentManager:
         self._wake()
 
     def close(self) -> None:
-        """Stop following events and close sockets; attachments stay in the kernel."""
+        """Stop following events and close sockets; attachments stay in the kernel.
+
+        Safe to call more than once."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         self._stop.set()
-        self._wake()
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         with self._lock:
@@ -366,6 +378,8 @@ class AttachmentManager:
     # ---- the event thread ------------------------------------------------------------
 
     def _wake(self) -> None:
+        if self._closed:
+            return
         try:
             os.write(self._wake_w, b"x")
         except OSError:

@@ -13,8 +13,10 @@ from kipfix.agent.attachments import AttachmentManager, Attached
 from kipfix.agent.config import InterfaceSelection
 from kipfix.agent.netnsids import NetnsIds, classid
 
-from netns_fixtures import *  # noqa: F401,F403  (fixtures; conftest may import them too)
-from netns_fixtures import unique_ifname
+try:  # fixtures (conftest may import them too); tests/ may or may not be a package
+    from netns_fixtures import *  # noqa: F401,F403
+except ImportError:
+    from tests.netns_fixtures import *  # noqa: F401,F403
 
 pytestmark = pytest.mark.root
 
@@ -273,3 +275,21 @@ def test_close_leaves_attachments_in_place(netns_factory, manager_factory):
     assert kipfix_filters(ns) == {(dev, "ingress"), (dev, "egress")}
     tc.detach(ns, dev)  # the next process (kipfix meter detach) can still clean up
     assert kipfix_filters(ns) == set()
+
+
+def test_manager_does_not_leak_fds_or_threads(netns_factory, manager_factory):
+    import os
+    import threading
+
+    ns = netns_factory.netns()
+    netns_factory.iface(ns, "kxfd0")
+    fds_before = len(os.listdir("/proc/self/fd"))
+    threads_before = threading.active_count()
+    for _ in range(5):
+        manager = manager_factory()
+        manager.apply([sel(ns, "kxfd*"), sel("kx-absent-netns", "x")])
+        assert len(manager.attached()) == 1
+        manager.detach_all()
+        manager.close()
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+    assert threading.active_count() == threads_before

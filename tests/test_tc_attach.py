@@ -12,8 +12,10 @@ from kipfix.agent import tc
 from kipfix.agent.netns import NetnsError, NetnsNotFound, NetnsRef, netns_cookie, run_in_netns
 from kipfix.agent.tc import HANDLE, PRIO, InterfaceNotFound, Programs
 
-from netns_fixtures import *  # noqa: F401,F403  (fixtures; conftest may import them too)
-from netns_fixtures import link_stats, ping
+try:  # fixtures (conftest may import them too); tests/ may or may not be a package
+    from netns_fixtures import *  # noqa: F401,F403
+except ImportError:
+    from tests.netns_fixtures import *  # noqa: F401,F403
 
 pytestmark = pytest.mark.root
 
