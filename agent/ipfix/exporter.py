@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 from ..flow import FlowRecord
 from ..sink import MeteringStats
 from . import fields
+from .message import HEADER_LENGTH, SET_HEADER_LENGTH
 from .options import ExportCounters, OptionsReporter
 from .routes import RouteResolver
 from .session import ExportSession, FlowTemplate, build_flow_templates, free_ids
@@ -167,9 +168,11 @@ class CollectorSession:
                         if not self._closing:
                             self._cond.wait(backoff)
                     backoff = min(backoff * 2, self.reconnect_max)
-        if self.transport.stream and self.transport.alive():
+        if self.transport.alive() and not self._need_templates:
             try:
-                self.transport.send(self.session.withdrawal_message(int(time.time())))
+                self._send_options()  # final statistics
+                if self.transport.stream:
+                    self.transport.send(self.session.withdrawal_message(int(time.time())))
             except TransportError:
                 pass
         self.transport.close()
@@ -270,6 +273,13 @@ class IpfixExporter:
         ids = free_ids(ft.template.id for ft in self.flow_templates)
         self.options = OptionsReporter([next(ids) for _ in range(4)], observation_domain_id,
                                        self.exporting_process_id, self.system_init_ms)
+        for collector in collectors:
+            for ft in self.flow_templates:
+                need = HEADER_LENGTH + SET_HEADER_LENGTH + ft.template.min_record_length
+                if need > collector.max_message_size:
+                    raise ValueError(
+                        f"collector {collector.address}: maxMessageSize {collector.max_message_size} cannot hold "
+                        f"one record of template {ft.template.id} ({need} octets with headers); accepted: >= {need}")
         self._own_resolver = None
         names = [e.name for ft in self.flow_templates for e in ft.template.elements]
         if route_resolver is None and fields.uses_routes(names):
