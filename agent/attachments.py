@@ -289,6 +289,10 @@ class AttachmentManager:
             self._remember(watch.netns_id, ifindex, name)
         self._watches.pop(watch.ref, None)
         watch.close()
+        try:
+            self.state.forget_netns(watch.cookie)
+        except OSError:
+            pass
         self._missing.add(watch.ref)
 
     def _remember(self, netns_id: int, ifindex: int, name: str) -> None:

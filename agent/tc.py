@@ -154,10 +154,26 @@ class OwnershipState:
         with self._locked() as data:
             return self.key(cookie, ifindex) in data["clsact_owned"]
 
-    def set_owned(self, cookie: int, ifindex: int, netns: str, ifname: str) -> None:
+    def set_owned(self, cookie: int, ifindex: int, netns: str, ifname: str,
+                  live: "set[int] | None" = None) -> None:
+        """Record a clsact kipfix created; with ``live`` (the netns's current
+        ifindexes), drop entries of that netns whose interface is gone."""
         with self._locked() as data:
-            data["clsact_owned"][self.key(cookie, ifindex)] = {
-                "netns": netns, "ifname": ifname, "ifindex": ifindex}
+            owned = data["clsact_owned"]
+            if live is not None:
+                prefix = f"{cookie}:"
+                for key in [k for k in owned if k.startswith(prefix)]:
+                    if owned[key].get("ifindex") not in live:
+                        del owned[key]
+            owned[self.key(cookie, ifindex)] = {"netns": netns, "ifname": ifname,
+                                                "ifindex": ifindex}
+
+    def forget_netns(self, cookie: int) -> None:
+        """The netns is gone: so are its qdiscs."""
+        with self._locked() as data:
+            prefix = f"{cookie}:"
+            for key in [k for k in data["clsact_owned"] if k.startswith(prefix)]:
+                del data["clsact_owned"][key]
 
     def forget(self, cookie: int, ifindex: int) -> bool:
         with self._locked() as data:
@@ -244,7 +260,7 @@ def attach_link(ipr: Any, netns: NetnsRef, cookie: int, ifindex: int, ifname: st
                           f"{os.strerror(err.code)} (does the kernel have "
                           "CONFIG_NET_SCH_INGRESS / clsact?)") from None
     else:
-        state.set_owned(cookie, ifindex, str(netns), ifname)
+        state.set_owned(cookie, ifindex, str(netns), ifname, live=set(links(ipr)))
     for direction, fd, name in programs.hooks():
         try:
             ipr.tc("replace-filter", "bpf", ifindex, HANDLE, fd=fd, name=name,

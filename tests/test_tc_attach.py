@@ -246,3 +246,22 @@ def test_interface_in_another_netns_is_named(veth_pair, tc_programs, tc_state_fi
     assert str(err.value) == (f"interface {veth_pair.if_b!r} is not in netns {veth_pair.ns_a} "
                               f"(it is in netns {veth_pair.ns_b})")
     assert filters(veth_pair.ns_b, veth_pair.if_b, "ingress") == []
+
+
+def test_ownership_entries_of_vanished_interfaces_are_pruned(netns_factory, tc_programs,
+                                                            tc_state_file):
+    ns = netns_factory.netns()
+    first, second = netns_factory.iface(ns), netns_factory.iface(ns)
+    tc.attach(ns, first, tc_programs)
+    subprocess.run(["ip", "-n", ns, "link", "del", first], check=True)
+    tc.attach(ns, second, tc_programs)
+    with open(tc_state_file) as f:
+        assert [e["ifname"] for e in json.load(f)["clsact_owned"].values()] == [second]
+
+
+def test_default_state_file_and_override(monkeypatch, tmp_path):
+    monkeypatch.delenv("KIPFIX_TC_STATE", raising=False)
+    assert tc.OwnershipState().path == "/run/kipfix/tc-state.json"
+    monkeypatch.setenv("KIPFIX_TC_STATE", str(tmp_path / "s.json"))
+    assert tc.OwnershipState().path == str(tmp_path / "s.json")
+    assert tc.OwnershipState(str(tmp_path / "x.json")).path == str(tmp_path / "x.json")
