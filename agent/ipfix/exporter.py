@@ -191,11 +191,7 @@ class CollectorSession:
         now = time.time()
         groups = self.options.groups(self.stats(), self.counters, int(now * 1000))
         for packed in self.session.data_messages(groups, int(now)):
-            try:
-                self._send(packed.message)
-            except TransportError:
-                self.session.sequence = (self.session.sequence - packed.records) & 0xFFFFFFFF
-                raise
+            self._send(packed.message)
             self.counters.records += packed.records
         self._options_due = False
         self._last_refresh = time.monotonic()
@@ -233,7 +229,6 @@ class CollectorSession:
             try:
                 self._send(packed.message)
             except TransportError:
-                self.session.sequence = (self.session.sequence - packed.records) & 0xFFFFFFFF
                 self._requeue_rest(batch, start)
                 raise
             self.counters.records += packed.records

@@ -109,10 +109,12 @@ class ExportSession:
                       too_large: list | None = None) -> Iterator[Packed]:
         """Data messages for ``(template id, [record bytes][, fixed length])`` groups.
 
-        The sequence number advances as each message is taken from the iterator.
+        The sequence number advances past a message when the next one is asked
+        for (so a template message sent in between carries the right number, and
+        a message that failed to send and ends the iteration is not counted).
         """
         for packed in pack_sets(groups, max_size=self.max_message_size, export_time=export_time,
                                 sequence=self.sequence, domain=self.domain_id, skip_too_large=too_large):
-            self.sequence = (self.sequence + packed.records) & 0xFFFFFFFF
             self.messages_since_templates += 1
             yield packed
+            self.sequence = (self.sequence + packed.records) & 0xFFFFFFFF
