@@ -49,6 +49,9 @@ log = logging.getLogger("kipfix.attach")
 
 RECHECK_INTERVAL = 1.0  # seconds between netns existence checks
 RECENT_NAMES = 4096  # names of departed interfaces kept for flows drained later
+# A netns id is given back this long after its netns left (gone or unconfigured),
+# so flows of it still in the kernel table or the flow cache keep their label.
+ID_RELEASE_DELAY = 900.0
 
 
 class Attached(NamedTuple):
@@ -118,12 +121,15 @@ class AttachmentManager:
     def __init__(self, meter: Any, netns_ids: NetnsIds, *, state_file: str | None = None,
                  on_error: Callable[[AttachError], None] | None = None,
                  recheck_interval: float = RECHECK_INTERVAL,
+                 id_release_delay: float = ID_RELEASE_DELAY,
                  ingress_name: str = tc.INGRESS_NAME, egress_name: str = tc.EGRESS_NAME) -> None:
         self.meter = meter
         self.netns_ids = netns_ids
         self.state = tc.OwnershipState(state_file)
         self.on_error = on_error
         self.recheck_interval = recheck_interval
+        self.id_release_delay = id_release_delay
+        self._release_at: dict[int, float] = {}
         self.ingress_name = ingress_name
         self.egress_name = egress_name
         self.errors: collections.deque[AttachError] = collections.deque(maxlen=1000)
@@ -258,7 +264,8 @@ class AttachmentManager:
                 if sock is not None:
                     sock.close()
             self._missing.add(ref)
-            self._error(str(ref), "", f"netns {ref}: cannot watch interfaces: {err}")
+            if report:
+                self._error(str(ref), "", f"netns {ref}: cannot watch interfaces: {err}")
             return False
         programs = tc.Programs(self.meter.ingress_fd, self.meter.egress_fd, self.ingress_name,
                                self.egress_name, classid=classid(netns_id))
@@ -280,6 +287,7 @@ class AttachmentManager:
         for ifindex, name in watch.attached.items():
             self._remember(watch.netns_id, ifindex, name)
         watch.close()
+        self._release_at[watch.netns_id] = time.monotonic() + self.id_release_delay
 
     def _forget_netns(self, watch: _Watch) -> None:
         """The netns went away: forget it without error and look for it again."""
@@ -289,6 +297,7 @@ class AttachmentManager:
             self._remember(watch.netns_id, ifindex, name)
         self._watches.pop(watch.ref, None)
         watch.close()
+        self._release_at[watch.netns_id] = time.monotonic() + self.id_release_delay
         try:
             self.state.forget_netns(watch.cookie)
         except OSError:
@@ -448,3 +457,14 @@ class AttachmentManager:
             if ref in self._desired and ref not in self._watches and ref.inode() is not None:
                 if self._start(ref, report=False):
                     log.info("netns %s appeared: watching it", ref)
+        now = time.monotonic()
+        in_use = {w.netns_id for w in self._watches.values()}
+        for netns_id, deadline in list(self._release_at.items()):
+            if netns_id in in_use:
+                del self._release_at[netns_id]
+            elif now >= deadline:
+                del self._release_at[netns_id]
+                try:
+                    self.netns_ids.release(netns_id)
+                except Exception:  # noqa: BLE001 -- bookkeeping only
+                    log.exception("cannot release netns id %d", netns_id)

@@ -293,3 +293,18 @@ def test_manager_does_not_leak_fds_or_threads(netns_factory, manager_factory):
         manager.close()
     assert len(os.listdir("/proc/self/fd")) == fds_before
     assert threading.active_count() == threads_before
+
+
+def test_netns_id_is_released_some_time_after_its_netns_left(netns_factory, manager_factory,
+                                                            tmp_path):
+    ns_a, ns_b = netns_factory.netns(), netns_factory.netns()
+    netns_factory.iface(ns_a, "kxid0")
+    netns_factory.iface(ns_b, "kxid0")
+    manager = manager_factory(recheck_interval=0.1, id_release_delay=0.3)
+    manager.apply([sel(ns_a, "kxid0"), sel(ns_b, "kxid0")])
+    id_a, id_b = manager.netns_id(ns_a), manager.netns_id(ns_b)
+    assert id_a != id_b
+    manager.apply([sel(ns_b, "kxid0")])
+    assert manager.netns_ids.label(id_a) == ns_a  # kept for a while for late flows
+    wait_for(lambda: manager.netns_ids.label(id_a) != ns_a, timeout=5, what="id released")
+    assert manager.netns_ids.label(id_b) == ns_b
