@@ -1,0 +1,210 @@
+"""``kipfix agent``: the standalone metering and export daemon.
+
+One loop: every drain interval, swap and drain the kernel tables into the
+flow cache, expire what ended and hand the records to the sinks. Signals
+only set flags; the loop acts on them between cycles, so a reload or a
+shutdown never races a drain.
+
+- SIGHUP reloads the file and applies only the difference; a bad file is
+  reported and the running configuration stays.
+- SIGTERM/SIGINT drains once more, ends every cached flow (forced end),
+  exports, and detaches (unless --keep-attached: then the filters and pinned
+  tables stay, and a restarted agent picks up what was counted meanwhile).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import replace
+from typing import Sequence
+
+from .config import AgentConfig, ConfigError, load_config
+from .flow import EndReason, FlowRecord
+from .flowcache import FlowCache
+from .meter import Meter
+from .netnsids import NetnsIds, default_path
+from .sink import FlowSink, MeteringStats
+
+log = logging.getLogger("kipfix.agent")
+
+
+class FanoutSink:
+    """Hands every batch to each configured sink."""
+
+    def __init__(self, sinks: Sequence[FlowSink]):
+        self.sinks = list(sinks)
+
+    def export(self, records, stats) -> None:
+        for sink in self.sinks:
+            try:
+                sink.export(records, stats)
+            except Exception:  # one broken sink must not stop metering or the others
+                log.exception("sink %s failed to export %d records", type(sink).__name__, len(records))
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception:
+                log.exception("closing sink %s failed", type(sink).__name__)
+
+
+def build_sink(config: AgentConfig) -> FanoutSink:
+    sinks: list[FlowSink] = []
+    if config.json_lines:
+        from .jsonsink import JsonLinesSink
+        sinks.append(JsonLinesSink(config.json_lines))
+    if config.collectors:
+        from .ipfix.exporter import IpfixExporter
+        sinks.append(IpfixExporter(config.collectors, config.templates, config.observation_domain_id,
+                                   enterprise_number=config.enterprise_number))
+    if not sinks:
+        log.warning("no collectors and no jsonLines output configured: flows are metered but not exported")
+    return FanoutSink(sinks)
+
+
+def _export_settings(config: AgentConfig) -> tuple:
+    return (config.collectors, config.templates, config.observation_domain_id, config.enterprise_number,
+            config.json_lines)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, config_path: str | None = None, keep_attached: bool = False):
+        from .attachments import AttachmentManager
+
+        self.config = config
+        self.config_path = config_path
+        self.keep_attached = keep_attached
+        self.meter = Meter(config.max_flows, config.pin_path)
+        self.netns_ids = NetnsIds(default_path(config.pin_path))
+        self.cache = FlowCache(config.timeouts.idle, config.timeouts.active, config.max_flows,
+                               describe=self._describe)
+        self.sink = build_sink(config)
+        self.attachments = AttachmentManager(self.meter, self.netns_ids)
+        self.attachments.apply(config.interfaces)
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._unmetered = self.meter.tables.unmetered()
+        self.observed_packets = self.observed_octets = self.exported_flows = 0
+        self.generation = 1
+
+    # -- signals and control -----------------------------------------------------
+
+    def request_stop(self, *_args) -> None:
+        self._stop.set()
+
+    def request_reload(self, *_args) -> None:
+        self._reload.set()
+        self._stop.set()  # wake the loop; it tells the two apart
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGHUP, self.request_reload)
+
+    # -- the loop ----------------------------------------------------------------
+
+    def _describe(self, netns_id: int, ifindex: int) -> tuple[str, str]:
+        return self.netns_ids.label(netns_id), self.attachments.ifname(netns_id, ifindex)
+
+    def stats(self) -> MeteringStats:
+        packets, octets = self._unmetered
+        return MeteringStats(observed_packets=self.observed_packets, observed_octets=self.observed_octets,
+                             exported_flows=self.exported_flows, ignored_packets=packets, ignored_octets=octets,
+                             interfaces=tuple(self.attachments.interface_table()))
+
+    def cycle(self, final: bool = False) -> list[FlowRecord]:
+        flows = self.meter.drain()
+        for _netns_id, _key, counters in flows:
+            self.observed_packets += counters.packets
+            self.observed_octets += counters.octets
+        records = self.cache.ingest(flows)
+        records += self.cache.flush(EndReason.FORCED_END) if final else self.cache.expire()
+        unmetered = self.meter.tables.unmetered()
+        if unmetered != self._unmetered:
+            log.warning("flow table full (maxFlows %d): %d packets / %d octets not metered since the last "
+                        "drain (%d / %d in total); raise maxFlows or shorten drainInterval",
+                        self.config.max_flows, unmetered[0] - self._unmetered[0],
+                        unmetered[1] - self._unmetered[1], *unmetered)
+            self._unmetered = unmetered
+        if records:
+            self.exported_flows += len(records)
+            self.sink.export(records, self.stats())
+        return records
+
+    def run(self) -> None:
+        next_drain = time.monotonic() + self.config.drain_interval
+        while True:
+            self._stop.wait(max(0.0, next_drain - time.monotonic()))
+            if self._reload.is_set():
+                self._reload.clear()
+                self._stop.clear()
+                self.reload()
+                continue
+            if self._stop.is_set():
+                break
+            next_drain += self.config.drain_interval
+            if next_drain < time.monotonic():  # fell behind (e.g. a slow drain): don't burst
+                next_drain = time.monotonic() + self.config.drain_interval
+            self.cycle()
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        records = self.cycle(final=True)
+        log.info("stopping: exported %d flows at shutdown (forced end)", len(records))
+        self.sink.close()
+        if self.keep_attached:
+            log.info("leaving filters and pinned tables in place (--keep-attached)")
+        else:
+            self.attachments.detach_all()
+        self.attachments.close()
+        self.meter.close()
+
+    # -- reload --------------------------------------------------------------------
+
+    def reload(self) -> bool:
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as err:
+            log.error("reload failed, keeping the running configuration: %s", err)
+            return False
+        self.apply(new)
+        return True
+
+    def apply(self, new: AgentConfig) -> None:
+        """Apply only what changed; counts in the kernel and the cache stay."""
+        old = self.config
+        for key in ("max_flows", "pin_path"):
+            if getattr(new, key) != getattr(old, key):
+                log.warning("%s changed (%s -> %s): takes effect when the agent restarts",
+                            key, getattr(old, key), getattr(new, key))
+                new = replace(new, **{key: getattr(old, key)})
+        if new.interfaces != old.interfaces:
+            self.attachments.apply(new.interfaces)
+        if new.timeouts != old.timeouts:
+            self.cache.idle_ns = int(new.timeouts.idle * 1e9)
+            self.cache.active_ns = int(new.timeouts.active * 1e9)
+        if _export_settings(new) != _export_settings(old):
+            sink = build_sink(new)
+            self.sink.close()
+            self.sink = sink
+        self.config = new
+        self.generation += 1
+        log.info("configuration generation %d applied", self.generation)
+
+
+def run_agent(config_path: str, keep_attached: bool = False) -> int:
+    try:
+        config = load_config(config_path)
+    except ConfigError as err:
+        log.error("%s", err)
+        return 2
+    agent = Agent(config, config_path, keep_attached=keep_attached)
+    agent.install_signal_handlers()
+    log.info("kipfix agent running: %d interface selections, drain every %gs, idle %gs, active %gs",
+             len(config.interfaces), config.drain_interval, config.timeouts.idle, config.timeouts.active)
+    agent.run()
+    return 0
