@@ -18,7 +18,7 @@ import yaml
 
 DEFAULT_PIN_PATH = "/sys/fs/bpf/kipfix"
 MAX_FLOWS_RANGE = (16, 16_777_216)
-MESSAGE_SIZE_RANGE = (256, 65_535)
+MESSAGE_SIZE_RANGE = (64, 65_535)
 TRANSPORTS = ("udp", "tcp", "tls")
 
 

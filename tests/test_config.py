@@ -1,0 +1,86 @@
+"""Configuration errors name the key, the bad value and what is accepted."""
+
+import pytest
+
+from kipfix.agent.config import ConfigError, load_config, parse_config
+
+MINIMAL_TEMPLATE = ["FlowEndMilliseconds", "FlowStartMilliseconds", "OctetDeltaCount", "PacketDeltaCount",
+                    "IpVersion", "FlowDirection", "SourceIPv4Address", "DestinationIPv4Address"]
+
+
+def full():
+    return {
+        "collectors": [{"address": "127.0.0.1:4739"}, {"address": "[::1]:4740", "transport": "tcp"}],
+        "templates": [{"id": 1024, "template": list(MINIMAL_TEMPLATE)}],
+        "interfaces": [{"netns": "", "names": ["eth0", "veth*", "/^en/"], "exclude": ["veth9"]}],
+        "timeouts": {"idle": 5, "active": 30},
+        "maxFlows": 1024,
+    }
+
+
+def test_a_complete_file_loads_with_defaults(tmp_path):
+    path = tmp_path / "kipfix.yaml"
+    import yaml
+    path.write_text(yaml.safe_dump(full()))
+    config = load_config(str(path))
+    assert [c.port for c in config.collectors] == [4739, 4740]
+    assert config.collectors[1].transport == "tcp"
+    assert config.templates[0].fields == tuple(MINIMAL_TEMPLATE)
+    assert config.interfaces[0].names == ("eth0", "veth*", "/^en/")
+    assert (config.timeouts.idle, config.timeouts.active, config.max_flows) == (5, 30, 1024)
+    assert config.drain_interval == 1.0 and config.observation_domain_id == 1
+
+
+def test_defaults_follow_the_issue():
+    config = parse_config({})
+    assert (config.timeouts.idle, config.timeouts.active) == (15.0, 60.0)
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda c: c.update(colectors=[]), "colectors: unknown key; accepted keys here: collectors"),
+    (lambda c: c["timeouts"].update(idle=-1), "timeouts.idle: -1 is out of range; accepted: > 0"),
+    (lambda c: c["timeouts"].update(active=0), "timeouts.active: 0 is out of range"),
+    (lambda c: c["timeouts"].update(idle=90), "timeouts.idle: 90 s is longer than timeouts.active"),
+    (lambda c: c["timeouts"].update(idle="soon"), "timeouts.idle: 'soon' is not a number of seconds"),
+    (lambda c: c.update(maxFlows=5), "maxFlows: 5 is out of range; accepted: 16..16777216"),
+    (lambda c: c.update(maxFlows=10**9), "maxFlows: 1000000000 is out of range"),
+    (lambda c: c.update(maxFlows="many"), "maxFlows: 'many' is not an integer"),
+    (lambda c: c["interfaces"][0].update(names=["/[/"]), "interfaces[0].names:"),
+    (lambda c: c["interfaces"][0].update(names=[]), "interfaces[0].names: empty"),
+    (lambda c: c["interfaces"][0].update(nets="x"), "interfaces[0].nets: unknown key"),
+    (lambda c: c["templates"][0].update(id=255), "templates[0].id: 255 is out of range; accepted: 256..65535"),
+    (lambda c: c["templates"].append({"id": 1024, "template": ["OctetDeltaCount"]}),
+     "templates[1].id: 1024 is already used by templates[0]"),
+    (lambda c: c["templates"][0]["template"].append("FooBarCount"), "templates[0].template:"),
+    (lambda c: c["templates"][0]["template"].append("bgpSourceAsNumber"), "bgpSourceAsNumber"),
+    (lambda c: c["collectors"][0].update(address="no-port"), "collectors[0].address:"),
+    (lambda c: c["collectors"][0].update(transport="sctp"),
+     "collectors[0].transport: 'sctp' is not accepted; accepted: udp, tcp, tls"),
+    (lambda c: c["collectors"][0].update(transport="tls", tls={"ca": "/nonexistent/ca.pem"}),
+     "collectors[0].tls.ca: file '/nonexistent/ca.pem' does not exist"),
+    (lambda c: c["collectors"][0].update(maxMessageSize=60),
+     "collectors[0].maxMessageSize: 60 is out of range; accepted: 64..65535"),
+    # header 16 + set header 4 + record 42 + 16 = 78 octets
+    (lambda c: c["collectors"][0].update(maxMessageSize=64) or
+     c["templates"][0]["template"].append("sourceIPv6Address"),
+     "collectors[0].maxMessageSize: 64 octets cannot hold one record of template 1024 (78 octets with headers);"
+     " accepted: >= 78"),
+])
+def test_each_mistake_gets_one_clear_message(change, expected):
+    config = full()
+    change(config)
+    with pytest.raises(ConfigError) as err:
+        parse_config(config)
+    assert expected in str(err.value)
+
+
+def test_invalid_yaml_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("collectors: [\n")
+    with pytest.raises(ConfigError, match=f"{path}: invalid YAML"):
+        load_config(str(path))
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="cannot read config file '/nonexistent.yaml'"):
+        load_config("/nonexistent.yaml")
