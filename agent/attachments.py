@@ -108,6 +108,7 @@ class _Watch:
         self.monitor = monitor
         self.command = command
         self.attached: dict[int, str] = {}
+        self.failed: dict[int, str] = {}  # retried every recheck, reported once
 
     def close(self) -> None:
         for sock in (self.monitor, self.command):
@@ -318,6 +319,10 @@ class AttachmentManager:
         except Exception as err:  # noqa: BLE001
             self._error(str(watch.ref), "", f"netns {watch.ref}: cannot list interfaces: {err}")
             return
+        try:
+            self.state.prune(watch.cookie, set(current))
+        except OSError as err:
+            log.warning("cannot update %s: %s", self.state.path, err)
         for ifindex in list(watch.attached):
             if ifindex not in current:
                 self._gone(watch, ifindex)
@@ -343,16 +348,23 @@ class AttachmentManager:
             watch.attached[ifindex] = name
         elif not wanted and known is not None:
             self._detach(watch, ifindex)
+        if not wanted:
+            watch.failed.pop(ifindex, None)
 
     def _attach(self, watch: _Watch, ifindex: int, name: str) -> None:
         try:
             tc.attach_link(watch.command, watch.ref, watch.cookie, ifindex, name, watch.programs,
                            self.state)
         except tc.InterfaceNotFound:
+            watch.failed.pop(ifindex, None)
             return  # vanished between the event and the attach: its DELLINK follows
         except Exception as err:  # noqa: BLE001 -- counted and reported, never raised
-            self._error(str(watch.ref), name, str(err))
+            if watch.failed.get(ifindex) != name:
+                self._error(str(watch.ref), name, f"{err} (retrying)")
+            watch.failed[ifindex] = name
             return
+        if watch.failed.pop(ifindex, None) is not None:
+            log.info("attached kipfix to %s in netns %s after earlier failures", name, watch.ref)
         watch.attached[ifindex] = name
         log.info("attached kipfix to %s (ifindex %d) in netns %s", name, ifindex, watch.ref)
 
@@ -367,6 +379,7 @@ class AttachmentManager:
         log.info("detached kipfix from %s (ifindex %d) in netns %s", name, ifindex, watch.ref)
 
     def _gone(self, watch: _Watch, ifindex: int) -> None:
+        watch.failed.pop(ifindex, None)
         name = watch.attached.pop(ifindex, None)
         if name is None:
             return
@@ -449,10 +462,11 @@ class AttachmentManager:
     def _recheck(self) -> None:
         """Notice netns that vanished or were replaced, and ones that appeared."""
         for watch in list(self._watches.values()):
-            if watch.ref.is_host:
-                continue
-            if watch.ref.inode() != watch.inode:
+            if not watch.ref.is_host and watch.ref.inode() != watch.inode:
                 self._forget_netns(watch)
+                continue
+            for ifindex, name in list(watch.failed.items()):
+                self._attach(watch, ifindex, name)
         for ref in list(self._missing):
             if ref in self._desired and ref not in self._watches and ref.inode() is not None:
                 if self._start(ref, report=False):

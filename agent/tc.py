@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
 
 from .netns import HOST, NetnsNotFound, NetnsRef, iproute, named_netns, netns_cookie
 
@@ -154,19 +154,21 @@ class OwnershipState:
         with self._locked() as data:
             return self.key(cookie, ifindex) in data["clsact_owned"]
 
-    def set_owned(self, cookie: int, ifindex: int, netns: str, ifname: str,
-                  live: "set[int] | None" = None) -> None:
-        """Record a clsact kipfix created; with ``live`` (the netns's current
-        ifindexes), drop entries of that netns whose interface is gone."""
+    def set_owned(self, cookie: int, ifindex: int, netns: str, ifname: str) -> None:
+        """Record a clsact kipfix created."""
+        with self._locked() as data:
+            data["clsact_owned"][self.key(cookie, ifindex)] = {
+                "netns": netns, "ifname": ifname, "ifindex": ifindex}
+
+    def prune(self, cookie: int, live: "set[int]") -> None:
+        """Drop entries of the netns whose interface is gone (``live``: its ifindexes),
+        so a reused ifindex is never taken for one kipfix owns."""
         with self._locked() as data:
             owned = data["clsact_owned"]
-            if live is not None:
-                prefix = f"{cookie}:"
-                for key in [k for k in owned if k.startswith(prefix)]:
-                    if owned[key].get("ifindex") not in live:
-                        del owned[key]
-            owned[self.key(cookie, ifindex)] = {"netns": netns, "ifname": ifname,
-                                                "ifindex": ifindex}
+            prefix = f"{cookie}:"
+            for key in [k for k in owned if k.startswith(prefix)]:
+                if owned[key].get("ifindex") not in live:
+                    del owned[key]
 
     def forget_netns(self, cookie: int) -> None:
         """The netns is gone: so are its qdiscs."""
@@ -226,23 +228,26 @@ def _is_kipfix(msg: Any) -> bool:
             and info[2].startswith(NAME_PREFIX))
 
 
+DUMP_RETRIES = 20
+
+
+def _dump(func: Any, *args: Any, **kwargs: Any) -> list:
+    """A netlink dump, repeated when the kernel says it was interrupted by a change."""
+    for _ in range(DUMP_RETRIES - 1):
+        try:
+            return list(func(*args, **kwargs))
+        except NetlinkDumpInterrupted:
+            continue
+    return list(func(*args, **kwargs))
+
+
 def _dump_filters(ipr: Any, ifindex: int, parent: int) -> list:
     try:
-        return list(ipr.get_filters(index=ifindex, parent=parent))
+        return _dump(ipr.get_filters, index=ifindex, parent=parent)
     except NetlinkError as err:
         if err.code in (errno.EINVAL, errno.ENOENT, errno.ENODEV):
             return []  # no clsact qdisc (or device gone): no filters
         raise
-
-
-def _has_clsact(ipr: Any, ifindex: int) -> bool:
-    try:
-        qdiscs = ipr.get_qdiscs(index=ifindex)
-    except NetlinkError as err:
-        if err.code == errno.ENODEV:
-            return False
-        raise
-    return any(q.get_attr("TCA_KIND") == "clsact" and q["index"] == ifindex for q in qdiscs)
 
 
 # ---- operations on an open IPRoute ------------------------------------------------
@@ -260,7 +265,7 @@ def attach_link(ipr: Any, netns: NetnsRef, cookie: int, ifindex: int, ifname: st
                           f"{os.strerror(err.code)} (does the kernel have "
                           "CONFIG_NET_SCH_INGRESS / clsact?)") from None
     else:
-        state.set_owned(cookie, ifindex, str(netns), ifname, live=set(links(ipr)))
+        state.set_owned(cookie, ifindex, str(netns), ifname)
     for direction, fd, name in programs.hooks():
         try:
             ipr.tc("replace-filter", "bpf", ifindex, HANDLE, fd=fd, name=name,
@@ -318,7 +323,7 @@ def link_status(ipr: Any, netns: NetnsRef, ifindex: int, ifname: str) -> list[Tc
 
 def links(ipr: Any) -> dict[int, str]:
     """ifindex -> name of every interface in the IPRoute's netns."""
-    return {m["index"]: m.get_attr("IFLA_IFNAME") for m in ipr.get_links()}
+    return {m["index"]: m.get_attr("IFLA_IFNAME") for m in _dump(ipr.get_links)}
 
 
 # ---- one-shot API (CLI) -------------------------------------------------------------
@@ -357,6 +362,7 @@ def attach(netns: NetnsRef | str, ifname: str, programs: Programs,
     cookie = netns_cookie(ref)
     with iproute(ref) as ipr:
         ifindex = resolve(ipr, ref, ifname)
+        state.prune(cookie, set(links(ipr)))
         attach_link(ipr, ref, cookie, ifindex, ifname, programs, state)
     return ifindex
 

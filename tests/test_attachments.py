@@ -308,3 +308,16 @@ def test_netns_id_is_released_some_time_after_its_netns_left(netns_factory, mana
     assert manager.netns_ids.label(id_a) == ns_a  # kept for a while for late flows
     wait_for(lambda: manager.netns_ids.label(id_a) != ns_a, timeout=5, what="id released")
     assert manager.netns_ids.label(id_b) == ns_b
+
+
+def test_burst_of_new_interfaces_is_attached(netns_factory, manager_factory):
+    """Many links at once (a dump may be interrupted meanwhile): all attached, no error."""
+    ns, peers = netns_factory.netns(), netns_factory.netns()
+    manager = manager_factory()
+    manager.apply([sel(ns, "kxburst*")])
+    batch = "\n".join(f"link add kxburst{i} type veth peer name kxpeer{i} netns {peers}"
+                      for i in range(30))
+    subprocess.run(["ip", "-n", ns, "-batch", "-"], input=batch, text=True, check=True)
+    wait_for(lambda: len(manager.attached()) == 30, what="30 new interfaces attached")
+    assert len(tc.status(ns)) == 60
+    assert manager.error_count == 0
