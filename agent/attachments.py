@@ -412,16 +412,27 @@ class AttachmentManager:
             pass
 
     def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._loop()
+            except Exception:  # noqa: BLE001 -- the thread must outlive any one bug
+                log.exception("interface event loop failed; restarting it")
+                self._stop.wait(1.0)
+
+    def _loop(self) -> None:
         next_check = time.monotonic() + self.recheck_interval
         while not self._stop.is_set():
             with self._lock:
                 by_fd = {w.monitor.fileno(): w for w in self._watches.values()}
             timeout = max(0.0, next_check - time.monotonic())
+            poller = select.poll()  # not select(): fds above 1024 with many netns
+            for fd in (self._wake_r, *by_fd):
+                poller.register(fd, select.POLLIN)
             try:
-                ready, _, _ = select.select([self._wake_r, *by_fd], [], [], timeout)
-            except (OSError, ValueError):
-                ready = []  # a socket closed under us: rebuild the set
-                time.sleep(0.05)
+                ready = [fd for fd, mask in poller.poll(timeout * 1000)
+                         if mask & (select.POLLIN | select.POLLERR)]
+            except OSError:
+                ready = []
             if self._stop.is_set():
                 return
             for fd in ready:
