@@ -122,7 +122,9 @@ class Agent:
             self.observed_packets += counters.packets
             self.observed_octets += counters.octets
         records = self.cache.ingest(flows)
-        records += self.cache.flush(EndReason.FORCED_END) if final else self.cache.expire()
+        records += self.cache.expire()  # even at shutdown, a flow that ended says how it ended
+        if final:
+            records += self.cache.flush(EndReason.FORCED_END)
         unmetered = self.meter.tables.unmetered()
         if unmetered != self._unmetered:
             log.warning("flow table full (maxFlows %d): %d packets / %d octets not metered since the last "
