@@ -3,8 +3,10 @@
 Pinned tables outlive the agent, so a restart neither detaches metering nor
 loses what was counted meanwhile. Before BCC opens the pins, each one is
 checked against the layout this agent was built with: a table that only
-differs in size (maxFlows changed) is drained first and then replaced; a
-table of another layout is replaced with a log line saying so.
+differs in size (maxFlows changed) is unpinned but kept open, and drained at
+the first drain -- after the filters were re-attached to the new program, so
+what the old program counted until then is not lost; a table of another
+layout is replaced with a log line saying so.
 """
 
 from __future__ import annotations
@@ -44,11 +46,14 @@ def ensure_bpffs(path: str = BPFFS) -> None:
                            "(in a pod: a hostPath volume for /sys/fs/bpf)")
 
 
-def reconcile_pins(pin_path: str, max_flows: int) -> list[KernelFlow]:
-    """Remove pins the new program cannot share; return flows drained from them."""
-    carried: list[KernelFlow] = []
+def reconcile_pins(pin_path: str, max_flows: int) -> list[tuple[int, int]]:
+    """Remove pins the new program cannot share.
+
+    Returns (fd, max_entries) of resized flow tables, still open: they hold
+    counts, and the old program may add more until it is replaced.
+    """
+    retired: list[tuple[int, int]] = []
     expected = _expected_layouts(max_flows)
-    cpus = bpfsys.possible_cpus()
     stale = []
     for name, (map_type, key_size, value_size, max_entries) in expected.items():
         path = os.path.join(pin_path, name)
@@ -58,24 +63,21 @@ def reconcile_pins(pin_path: str, max_flows: int) -> list[KernelFlow]:
             if err.errno == errno.ENOENT:
                 continue
             raise
-        try:
-            info = bpfsys.map_info(fd)
-            same_layout = (info.type, info.key_size, info.value_size) == (map_type, key_size, value_size)
-            if same_layout and max_entries in (None, info.max_entries):
-                continue
-            if same_layout and name in FLOW_TABLES:
-                keys, values, count = bpfsys.read_all(fd, KEY.size, VALUE_STRIDE * cpus, info.max_entries, False)
-                carried.extend(decode_table(keys, values, count, cpus))
-                log.warning("pinned table %s holds %d entries (maxFlows %d); config asks for %d: "
-                            "carrying its %d flows over and replacing it", path, info.max_entries,
-                            info.max_entries, max_flows, count)
-            else:
-                log.warning("pinned map %s has an incompatible layout (type %d, key %d, value %d; this agent "
-                            "needs type %d, key %d, value %d): replacing it", path, info.type, info.key_size,
-                            info.value_size, map_type, key_size, value_size)
-            stale.append(path)
-        finally:
+        info = bpfsys.map_info(fd)
+        same_layout = (info.type, info.key_size, info.value_size) == (map_type, key_size, value_size)
+        if same_layout and max_entries in (None, info.max_entries):
             os.close(fd)
+            continue
+        if same_layout and name in FLOW_TABLES:
+            retired.append((fd, info.max_entries))
+            log.warning("pinned table %s was made for maxFlows %d, the config asks for %d: replacing it "
+                        "and carrying its flows over at the first drain", path, info.max_entries, max_flows)
+        else:
+            os.close(fd)
+            log.warning("pinned map %s has an incompatible layout (type %d, key %d, value %d; this agent "
+                        "needs type %d, key %d, value %d): replacing it", path, info.type, info.key_size,
+                        info.value_size, map_type, key_size, value_size)
+        stale.append(path)
     if any(os.path.basename(p) in FLOW_TABLES for p in stale):
         # The slot's inner-map template must match the new tables.
         slot = os.path.join(pin_path, ACTIVE_SLOT)
@@ -83,7 +85,7 @@ def reconcile_pins(pin_path: str, max_flows: int) -> list[KernelFlow]:
             stale.append(slot)
     for path in stale:
         os.unlink(path)
-    return carried
+    return retired
 
 
 class Meter:
@@ -97,7 +99,7 @@ class Meter:
         os.makedirs(pin_path, exist_ok=True)
         self.pin_path = pin_path
         self.max_flows = max_flows
-        self.carried = reconcile_pins(pin_path, max_flows)
+        self.retired = reconcile_pins(pin_path, max_flows)
         self._bpf = self._compile(max_flows, pin_path)
         from bcc import BPF
 
@@ -127,12 +129,18 @@ class Meter:
 
     def drain(self) -> list[KernelFlow]:
         flows = self.tables.drain()
-        if self.carried:
-            flows = self.carried + flows
-            self.carried = []
+        while self.retired:
+            fd, capacity = self.retired.pop()
+            cpus = self.tables.cpus
+            keys, values, count = bpfsys.read_all(fd, KEY.size, VALUE_STRIDE * cpus, capacity, True)
+            flows += decode_table(keys, values, count, cpus)
+            os.close(fd)
         return flows
 
     def close(self) -> None:
         """Release this process's handles; pins and attached filters stay."""
+        for fd, _capacity in self.retired:
+            os.close(fd)
+        self.retired = []
         self.tables.close()
         self._bpf.cleanup()
