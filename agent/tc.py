@@ -267,6 +267,13 @@ def attach_link(ipr: Any, netns: NetnsRef, cookie: int, ifindex: int, ifname: st
     else:
         state.set_owned(cookie, ifindex, str(netns), ifname)
     for direction, fd, name in programs.hooks():
+        for msg in _dump_filters(ipr, ifindex, PARENTS[direction]):
+            info = _filter_info(msg)
+            if (msg["handle"] == HANDLE and (msg["info"] >> 16) == PRIO and not _is_kipfix(msg)):
+                other = info[2] if info else msg.get_attr("TCA_KIND")
+                raise TcError(f"interface {ifname!r} in netns {netns}: a foreign filter "
+                              f"({other or 'unnamed'}) holds kipfix's {direction} slot "
+                              f"pref {PRIO} handle {HANDLE:#x}; kipfix leaves it alone")
         try:
             ipr.tc("replace-filter", "bpf", ifindex, HANDLE, fd=fd, name=name,
                    parent=PARENTS[direction], classid=programs.classid, direct_action=True,

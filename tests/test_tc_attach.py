@@ -265,3 +265,18 @@ def test_default_state_file_and_override(monkeypatch, tmp_path):
     monkeypatch.setenv("KIPFIX_TC_STATE", str(tmp_path / "s.json"))
     assert tc.OwnershipState().path == str(tmp_path / "s.json")
     assert tc.OwnershipState(str(tmp_path / "x.json")).path == str(tmp_path / "x.json")
+
+
+def test_attach_never_replaces_a_foreign_filter_in_kipfix_slot(veth_pair, bpf_counter,
+                                                              tc_programs, tc_state_file):
+    ns, ifname = veth_pair.ns_a, veth_pair.if_a
+    subprocess.run(["tc", "-n", ns, "qdisc", "add", "dev", ifname, "clsact"], check=True)
+    foreign = bpf_counter()
+    with tc_iproute(ns) as ipr:
+        ipr.tc("add-filter", "bpf", ifindex_of(ns, ifname), HANDLE, fd=foreign.fd, name="foreign",
+               parent=tc.PARENT_INGRESS, classid=1, direct_action=True, prio=PRIO)
+    with pytest.raises(tc.TcError, match="a foreign filter \\(foreign\\) holds kipfix's ingress"):
+        tc.attach(ns, ifname, tc_programs)
+    assert [f["options"]["bpf_name"] for f in filters(ns, ifname, "ingress")] == ["foreign"]
+    tc.detach(ns, ifname)
+    assert [f["options"]["bpf_name"] for f in filters(ns, ifname, "ingress")] == ["foreign"]
