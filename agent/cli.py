@@ -214,11 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from . import depcheck
     depcheck.register(sub)
-    try:  # TEMPORARY until the IPFIX CLI lands
-        from .ipfix import cli as ipfix_cli
-        ipfix_cli.register(sub)
-    except ImportError:
-        pass
+    from .ipfix import cli as ipfix_cli
+    ipfix_cli.register(sub)
     return parser
 
 
