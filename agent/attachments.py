@@ -43,7 +43,7 @@ from pyroute2.netlink.rtnl import RTMGRP_LINK
 from . import tc
 from .ifselect import Selector, matches_any
 from .netns import NetnsNotFound, NetnsRef, netns_cookie, open_iproute
-from .netnsids import NetnsIds, classid, default_path
+from .netnsids import NetnsIds, classid
 
 log = logging.getLogger("kipfix.attach")
 
@@ -69,16 +69,6 @@ class AttachError:
 
     def __str__(self) -> str:
         return self.message
-
-
-def programs_for(meter: Any, pin_path: str, netns: NetnsRef | str) -> tc.Programs:
-    """The meter's programs with the classid carrying ``netns``'s id (for the CLI)."""
-    ref = NetnsRef.parse(netns)
-    inode = ref.inode()
-    if inode is None:
-        raise NetnsNotFound(ref)
-    netns_id = NetnsIds(default_path(pin_path)).assign(inode, str(ref))
-    return tc.Programs(meter.ingress_fd, meter.egress_fd, classid=classid(netns_id))
 
 
 def group_selections(interfaces: Iterable[Any]) -> dict[NetnsRef, tuple[Selector, ...]]:

@@ -131,7 +131,11 @@ def cmd_meter(args) -> int:
 
     netns = NetnsRef.parse(args.netns)
     if args.action == "status":
-        rows = tc.status(netns, tuple(args.interface or ()))
+        try:
+            rows = tc.status(netns, tuple(args.interface or ()))
+        except (tc.TcError, LookupError) as err:
+            print(f"kipfix: {err}", file=sys.stderr)
+            return 1
         print(f"{'NETNS':<20} {'IFNAME':<16} {'IFINDEX':>7}  {'DIR':<8} {'PROG':>6}  NAME")
         for a in rows:
             print(f"{a.netns:<20} {a.ifname:<16} {a.ifindex:>7}  {a.direction:<8} {a.prog_id:>6}  {a.prog_name}")

@@ -75,7 +75,7 @@ class NetnsIds:
         return entry["label"] if entry else f"netns#{netns_id}"
 
 
-def programs_for(meter, ids: NetnsIds, netns) -> "Programs":
+def programs_for(meter, ids: NetnsIds, netns):
     """The meter's programs as tc filters for ``netns`` (a NetnsRef): its id in the classid."""
     from .tc import Programs
 
@@ -83,5 +83,5 @@ def programs_for(meter, ids: NetnsIds, netns) -> "Programs":
     if inode is None:
         from .netns import NetnsNotFound
         raise NetnsNotFound(netns)
-    netns_id = ids.assign(inode, "" if netns.is_host else str(netns))
+    netns_id = ids.assign(inode, str(netns))
     return Programs(meter.ingress_fd, meter.egress_fd, classid=classid(netns_id))

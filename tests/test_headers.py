@@ -186,6 +186,10 @@ def test_bcc_compiles_against_merged_fallback(tmp_path, monkeypatch):
     subprocess.run(["cp", "-rs", f"{source}/.", str(tree)], check=True)
     subprocess.run(["cp", "-rs", "--remove-destination", f"{build}/.", str(tree)], check=True)
     monkeypatch.setenv(headers.FALLBACK_ENV, str(tree))
+    # prepare_bcc_environment() writes os.environ itself: register the variable with
+    # monkeypatch (set, then delete) so teardown removes it and later tests get a clean env.
+    monkeypatch.setenv(headers.BCC_ENV, "")
+    monkeypatch.delenv(headers.BCC_ENV)
     bcc = pytest.importorskip("bcc")
 
     used = prepare_bcc_environment(modules_dir=tmp_path / "nomodules")
