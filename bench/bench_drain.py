@@ -11,6 +11,9 @@ unless --one-cpu): no packets are sent. Then the agent's own
   <= 1 s for 1,000,000 flows); the bpf(2) time inside it is shown apart;
 - decode: ``kernelflow.decode_table`` turning the buffers into flows.
 
+A last drain of the then empty table shows the fixed cost of every export
+cycle (buffers are sized by the table's capacity).
+
 Baselines measured in the same run, on the same full table just before the
 drain: a batch read of the same map without delete (``bpfsys.read_all``,
 delete=False), and a plain copy of a buffer of the same size (the memory
@@ -129,7 +132,7 @@ def main() -> int:
     values_per_batch = value * min(n, FILL_BATCH)
     stride = VALUE_STRIDE * cpus
     results = {name: [] for name in ("fill", "plain_read", "plain_read_sys", "copy", "swap", "read_clear", "read_clear_sys",
-                                      "decode", "total")}
+                                      "decode", "total", "empty_total", "empty_sys")}
     problems = []
     try:
         for rnd in range(args.rounds):
@@ -177,6 +180,15 @@ def main() -> int:
                   f"read-and-clear {results['read_clear'][-1]:.3f} s, decode {results['decode'][-1]:.2f} s, "
                   f"decoded {len(flows)} flows, tables left {left}", flush=True)
             del flows
+        # Fixed cost of an export cycle: the same drain when the table is empty.
+        for _ in range(args.rounds):
+            with DrainClock() as clock:
+                t = time.perf_counter()
+                leftover = tables.drain()
+                results["empty_total"].append(time.perf_counter() - t)
+            results["empty_sys"].append(clock.syscall.get(bpfsys.BPF_MAP_LOOKUP_AND_DELETE_BATCH, 0))
+            if leftover:
+                problems.append(f"drain of an empty table returned {len(leftover)} flows")
         unmetered = tables.unmetered()
     finally:
         meter.close()
@@ -202,6 +214,10 @@ def main() -> int:
     print(f"Python decode (kernelflow.decode_table): {m['decode']:.2f} s {spread(results['decode'], '{:.2f}')} = "
           f"{n / m['decode']:,.0f} flows/s; decode / read-and-clear = {m['decode'] / m['read_clear']:.1f}")
     print(f"whole FlowTables.drain(): {m['total']:.2f} s = {n / m['total']:,.0f} flows/s")
+    print(f"drain of the same table when empty: {m['empty_total']:.3f} s {spread(results['empty_total'], '{:.3f}')} "
+          f"(bpf(2) {m['empty_sys']:.3f} s): bpfsys.read_all sizes its buffers by capacity, "
+          f"{max_flows * (KEY.size + stride) / 1e6:.0f} MB here (key + value x {cpus} CPUs per entry), "
+          f"whatever the table holds; {m['empty_total'] / m['read_clear']:.2f} of a full read-and-clear")
     print(f"filling (bench setup, BPF_MAP_UPDATE_BATCH): {m['fill']:.2f} s = {n / m['fill']:,.0f} flows/s")
     print(f"checks: decoded count, distinct keys and packet sum as written, both tables empty after each drain, "
           f"unmetered {unmetered[0]}: {'OK' if not problems and unmetered == (0, 0) else 'FAILED'}")
