@@ -99,8 +99,9 @@ def expected_values(record: FlowRecord, names, exporter, routes=None) -> dict:
         "flowStartSeconds": record.start_ns // 10**9, "flowEndSeconds": record.end_ns // 10**9,
         "flowStartMicroseconds": record.start_ns // 1000, "flowEndMicroseconds": record.end_ns // 1000,
         "flowStartNanoseconds": record.start_ns, "flowEndNanoseconds": record.end_ns,
-        "flowStartSysUpTime": record.start_ns // 10**6 - exporter.system_init_ms,
-        "flowEndSysUpTime": record.end_ns // 10**6 - exporter.system_init_ms,
+        # milliseconds since boot, wrapping after 2^32 ms (49.7 days) like sysUpTime does
+        "flowStartSysUpTime": (record.start_ns // 10**6 - exporter.system_init_ms) % 2**32,
+        "flowEndSysUpTime": (record.end_ns // 10**6 - exporter.system_init_ms) % 2**32,
         "systemInitTimeMilliseconds": exporter.system_init_ms,
         "octetDeltaCount": record.octets, "packetDeltaCount": record.packets,
         "ipVersion": k.ip_version, "flowDirection": k.direction,
@@ -124,7 +125,7 @@ def expected_values(record: FlowRecord, names, exporter, routes=None) -> dict:
         "ipNextHopIPv6Address": ipaddress.ip_address(next_hop or zero_hop) if v6
         else ipaddress.IPv6Address(0),
         "interfaceName": record.interface_name, "networkNamespace": record.netns,
-        "observationDomainId": 4242, "exportingProcessId": 77,
+        "observationDomainId": exporter.observation_domain_id, "exportingProcessId": exporter.exporting_process_id,
     }
     return {fields.canonical_name(n): values[fields.canonical_name(n)] for n in names}
 

@@ -107,6 +107,9 @@ class InfoModel:
     def by_id(self, element_id: int, pen: int = 0) -> InformationElement | None:
         return self._by_id.get((pen, element_id))
 
+    def elements(self) -> list[InformationElement]:
+        return list(self._by_id.values())
+
     def names(self) -> list[str]:
         return sorted(e.name for e in self._by_name.values())
 

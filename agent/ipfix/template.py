@@ -60,6 +60,9 @@ class Template:
             raise ValueError(f"template id {self.id} is out of range; accepted: 256..65535")
         if not self.elements:
             raise ValueError(f"template {self.id} has no information elements; accepted: at least one")
+        for e in self.elements:
+            if not 0 < e.id < ENTERPRISE_BIT:
+                raise ValueError(f"template {self.id}: element {e.name} has id {e.id}; accepted: 1..32767")
 
     @property
     def is_options(self) -> bool:
