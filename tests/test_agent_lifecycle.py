@@ -8,31 +8,11 @@ import sys
 
 import pytest
 
-from agentproc import AgentProcess, totals, wait_for
-from router import Router, link_stats, sh
+from agentproc import totals, wait_for
+from router import link_stats, sh
 from test_metering_exact import iperf3
 
 pytestmark = pytest.mark.root
-
-
-@pytest.fixture
-def router():
-    with Router() as topo:
-        yield topo
-
-
-@pytest.fixture
-def agent(tmp_path):
-    made = []
-
-    def make(config, **kw):
-        proc = AgentProcess(tmp_path, config, **kw)
-        made.append(proc)
-        return proc
-
-    yield make
-    for proc in made:
-        proc.cleanup()
 
 
 def kipfix_filters(netns: str, ifname: str) -> str:
@@ -40,8 +20,8 @@ def kipfix_filters(netns: str, ifname: str) -> str:
         sh(f"tc -n {netns} filter show dev {ifname} egress").stdout
 
 
-def test_idle_active_and_end_of_flow_reasons(router, agent):
-    proc = agent({"interfaces": [{"netns": router.r, "names": ["r1"]}],
+def test_idle_active_and_end_of_flow_reasons(router, agent_factory):
+    proc = agent_factory({"interfaces": [{"netns": router.r, "names": ["r1"]}],
                   "timeouts": {"idle": 1, "active": 2}}).start()
     before = link_stats(router.r, "r1")
     sh(f"ip netns exec {router.h1} ping -c 1 -q 10.2.0.1")
@@ -64,9 +44,9 @@ def test_idle_active_and_end_of_flow_reasons(router, agent):
         assert record["flowStartMilliseconds"] <= record["flowEndMilliseconds"]
 
 
-def test_sighup_applies_the_difference_and_a_bad_file_keeps_the_running_config(router, agent):
+def test_sighup_applies_the_difference_and_a_bad_file_keeps_the_running_config(router, agent_factory):
     config = {"interfaces": [{"netns": router.r, "names": ["r1"]}]}
-    proc = agent(config).start()
+    proc = agent_factory(config).start()
     proc.wait_log("attached kipfix to r1")
     assert "kipfix_ingress" not in kipfix_filters(router.r, "r2a")
     before = link_stats(router.r, "r1")
@@ -101,8 +81,8 @@ def test_sighup_applies_the_difference_and_a_bad_file_keeps_the_running_config(r
         assert "clsact" not in sh(f"tc -n {router.r} qdisc show dev {ifname}").stdout
 
 
-def test_unknown_interface_and_netns_are_reported_and_the_rest_is_metered(router, agent):
-    proc = agent({"interfaces": [{"netns": router.r, "names": ["r1", "nosuch0"]},
+def test_unknown_interface_and_netns_are_reported_and_the_rest_is_metered(router, agent_factory):
+    proc = agent_factory({"interfaces": [{"netns": router.r, "names": ["r1", "nosuch0"]},
                                  {"netns": "kfnonexistent", "names": ["eth0"]}]}).start()
     proc.wait_log("attached kipfix to r1")
     wait_for(lambda: "nosuch0" in proc.log() and "kfnonexistent" in proc.log(), 5, "both mistakes logged")
@@ -123,8 +103,8 @@ def test_invalid_config_at_start_exits_with_the_message(tmp_path):
     assert "maxFlows: 3 is out of range; accepted: 16..16777216" in result.stderr
 
 
-def test_full_table_is_logged_with_the_lost_counts(router, agent):
-    proc = agent({"interfaces": [{"netns": router.r, "names": ["r1"]}], "maxFlows": 16,
+def test_full_table_is_logged_with_the_lost_counts(router, agent_factory):
+    proc = agent_factory({"interfaces": [{"netns": router.r, "names": ["r1"]}], "maxFlows": 16,
                   "drainInterval": 3}).start()
     proc.wait_log("attached kipfix to r1")
     # 40 distinct UDP flows in one drain interval: 16 fit, 24 datagrams (28 octets each) do not.

@@ -14,32 +14,12 @@ import subprocess
 
 import pytest
 
-from agentproc import AgentProcess, totals
-from router import Router, link_stats, sh
+from agentproc import totals
+from router import link_stats, sh
 
 pytestmark = pytest.mark.root
 ETH_HEADER = 14
 ROUTER_IFS = ("r1", "r2a", "r2b")
-
-
-@pytest.fixture
-def router():
-    with Router() as topo:
-        yield topo
-
-
-@pytest.fixture
-def agent_factory(tmp_path):
-    agents = []
-
-    def make(config, **kw):
-        agent = AgentProcess(tmp_path, config, **kw)
-        agents.append(agent)
-        return agent
-
-    yield make
-    for agent in agents:
-        agent.cleanup()
 
 
 def router_config(router, names=ROUTER_IFS, **extra):
