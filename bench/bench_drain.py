@@ -123,6 +123,7 @@ def main() -> int:
     max_flows = max(args.max_flows, n)
 
     started = time.monotonic()
+    load_start = os.getloadavg()[0]
     pins = PinDir("drain")
     meter = Meter(max_flows, pins.path)
     tables = meter.tables
@@ -223,6 +224,8 @@ def main() -> int:
           f"unmetered {unmetered[0]}: {'OK' if not problems and unmetered == (0, 0) else 'FAILED'}")
     for problem in problems:
         print(f"  {problem}")
+    print(f"load average at start/end: {load_start:.2f} / {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs "
+          f"(other work on the machine slows every figure above)")
     print(f"(whole run {time.monotonic() - started:.0f} s)")
     return 1 if problems else 0
 
