@@ -339,4 +339,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted; cleaned up", file=sys.stderr)
+        sys.exit(130)
