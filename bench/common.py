@@ -103,6 +103,16 @@ class BpfStats:
 
 # ---- scratch namespaces -----------------------------------------------------------
 
+def _interrupt(signum, _frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def interrupt_on_signals() -> None:
+    """SIGTERM and SIGINT (even if inherited as ignored) raise KeyboardInterrupt, so cleanup runs."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _interrupt)
+
+
 def run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, check=check)
 
@@ -122,8 +132,7 @@ class VethPair:
         self.ip_a, self.ip_b = "10.231.0.1", "10.231.0.2"
         self._closed = False
         atexit.register(self.close)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
+        interrupt_on_signals()
         try:
             run("ip", "netns", "add", self.ns_a)
             run("ip", "netns", "add", self.ns_b)
@@ -136,9 +145,6 @@ class VethPair:
         except Exception:
             self.close()
             raise
-
-    def _on_signal(self, signum, _frame) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
 
     def rx_packets(self, side: str = "b") -> int:
         ns, ifname = (self.ns_b, self.if_b) if side == "b" else (self.ns_a, self.if_a)
@@ -159,6 +165,7 @@ class PinDir:
     def __init__(self, tag: str) -> None:
         self.path = f"/sys/fs/bpf/kipfix-bench-{tag}-{os.getpid()}"
         atexit.register(self.close)
+        interrupt_on_signals()
 
     def close(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

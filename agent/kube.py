@@ -1,0 +1,415 @@
+"""``kipfix agent --kubernetes``: the agent as a DaemonSet pod.
+
+- The node name comes from ``NODE_NAME`` (downward API ``spec.nodeName``) and
+  the namespace from ``POD_NAMESPACE`` (or the service account's namespace).
+- The node's configuration is the ConfigMap ``kipfix-node-<node>`` in that
+  namespace, key ``config.yaml`` (agent YAML, rendered by the operator). The
+  agent *watches* it (list, then watch from that resourceVersion; relist on
+  410 Gone), so a change applies within a second or two. The first valid
+  config starts the metering Agent; later ones are applied with
+  ``Agent.apply`` (only the difference, as on SIGHUP). A bad config is
+  reported and the running one stays. A deleted ConfigMap means "nothing
+  selects this node": everything is detached and export stops.
+- TLS files are written as ``secret:NAME/KEY`` in the rendered config; the
+  agent reads those keys from the Secret NAME in its namespace and writes
+  them under a private directory (``ca.crt`` is required; ``tls.crt`` and
+  ``tls.key`` are used when both exist).
+- The agent reports its state in the Lease ``kipfix-agent-<node>`` (same
+  namespace): ``spec.renewTime`` every RENEW_SECONDS as a heartbeat and the
+  annotation ``kipfix.io/report`` (JSON: configHash, configError, interfaces,
+  errors, lastExportTime, exportedFlows). The operator aggregates these into
+  each FlowExporter's status.
+
+API calls (see kipfix.operator.rbac.AGENT_RULES): configmaps get/list/watch,
+secrets get, leases get/create/patch — all in the agent's namespace.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import signal
+import tempfile
+import threading
+import time
+from typing import Any, Callable
+
+import yaml
+
+from .config import AgentConfig, ConfigError, parse_config
+
+log = logging.getLogger("kipfix.agent.kube")
+
+CONFIGMAP_PREFIX = "kipfix-node-"
+LEASE_PREFIX = "kipfix-agent-"
+CONFIG_KEY = "config.yaml"
+HASH_ANNOTATION = "kipfix.io/config-hash"
+NODE_ANNOTATION = "kipfix.io/node"
+SOURCES_ANNOTATION = "kipfix.io/flowexporters"
+REPORT_ANNOTATION = "kipfix.io/report"
+NAME_LABEL = ("app.kubernetes.io/name", "kipfix")
+COMPONENT_LABEL = "app.kubernetes.io/component"
+NODE_CONFIG_COMPONENT = "node-config"
+AGENT_REPORT_COMPONENT = "agent-report"
+SECRET_PREFIX = "secret:"
+LEASE_SECONDS = 30
+RENEW_SECONDS = 10
+SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+def _object_name(prefix: str, node: str) -> str:
+    name = prefix + node
+    if len(name) <= 253:
+        return name
+    digest = hashlib.sha256(node.encode()).hexdigest()[:10]
+    return f"{name[:242]}-{digest}"
+
+
+def configmap_name(node: str) -> str:
+    """The ConfigMap holding ``node``'s agent config."""
+    return _object_name(CONFIGMAP_PREFIX, node)
+
+
+def lease_name(node: str) -> str:
+    """The Lease in which ``node``'s agent reports."""
+    return _object_name(LEASE_PREFIX, node)
+
+
+def config_hash(text: str) -> str:
+    """Short hash of a rendered config; the operator computes the same."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def default_namespace() -> str:
+    if os.environ.get("POD_NAMESPACE"):
+        return os.environ["POD_NAMESPACE"]
+    try:
+        with open(SA_NAMESPACE_FILE, encoding="utf-8") as handle:
+            return handle.read().strip()
+    except OSError:
+        return "kipfix"
+
+
+def now_micro() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def resolve_secret_files(doc: Any, read_secret: Callable[[str], dict[str, bytes]], directory: str) -> Any:
+    """Replace ``secret:NAME/KEY`` TLS references by files written under ``directory``.
+
+    ``read_secret(NAME)`` returns the Secret's decoded data (KeyError if the
+    Secret does not exist). ConfigError names a missing Secret or ca.crt.
+    """
+    if not isinstance(doc, dict):
+        return doc
+    out = dict(doc)
+    collectors = []
+    for i, collector in enumerate(doc.get("collectors") or []):
+        tls = collector.get("tls") if isinstance(collector, dict) else None
+        if not isinstance(tls, dict):
+            collectors.append(collector)
+            continue
+        tls = dict(tls)
+        for key in ("ca", "cert", "key"):
+            ref = tls.get(key)
+            if not (isinstance(ref, str) and ref.startswith(SECRET_PREFIX)):
+                continue
+            secret, _, item = ref[len(SECRET_PREFIX):].partition("/")
+            try:
+                data = read_secret(secret)
+            except KeyError:
+                raise ConfigError(f"collectors[{i}].tls: Secret {secret!r} not found in the agent's namespace; "
+                                  f"accepted: a Secret with ca.crt (and optionally tls.crt, tls.key)") from None
+            if item not in data:
+                if key == "ca":
+                    raise ConfigError(f"collectors[{i}].tls.ca: Secret {secret!r} has no key {item!r}; "
+                                      "accepted: a Secret with ca.crt")
+                tls.pop(key)
+                continue
+            folder = os.path.join(directory, secret)
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            path = os.path.join(folder, item)
+            with open(path, "wb") as handle:
+                handle.write(data[item])
+            tls[key] = path
+        if ("cert" in tls) != ("key" in tls):  # client authentication needs both
+            tls.pop("cert", None)
+            tls.pop("key", None)
+        collectors.append({**collector, "tls": tls})
+    if "collectors" in doc:
+        out["collectors"] = collectors
+    return out
+
+
+def _load_kube_config():
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
+
+
+class NodeReporter:
+    """Keeps the node's Lease and its report annotation current."""
+
+    def __init__(self, api: Any, node: str, namespace: str):
+        from kubernetes import client
+
+        self.coordination = client.CoordinationV1Api(api)
+        self.node, self.namespace, self.name = node, namespace, lease_name(node)
+        self.report: dict[str, Any] = {"configHash": None, "configError": None, "interfaces": [],
+                                       "errors": [], "lastExportTime": None, "exportedFlows": 0}
+        self._lock = threading.Lock()
+
+    def update(self, **fields: Any) -> None:
+        with self._lock:
+            self.report.update(fields)
+
+    def body(self) -> dict:
+        with self._lock:
+            report = json.dumps(self.report, sort_keys=True)
+        return {
+            "metadata": {"name": self.name, "namespace": self.namespace,
+                         "labels": {NAME_LABEL[0]: NAME_LABEL[1], COMPONENT_LABEL: AGENT_REPORT_COMPONENT},
+                         "annotations": {REPORT_ANNOTATION: report, NODE_ANNOTATION: self.node}},
+            "spec": {"holderIdentity": self.node, "leaseDurationSeconds": LEASE_SECONDS, "renewTime": now_micro()},
+        }
+
+    def publish(self) -> None:
+        from kubernetes.client.rest import ApiException
+
+        body = self.body()
+        try:
+            self.coordination.patch_namespaced_lease(self.name, self.namespace, body)
+        except ApiException as err:
+            if err.status != 404:
+                raise
+            self.coordination.create_namespaced_lease(self.namespace, body)
+
+
+def _make_agent_class():
+    from .daemon import Agent
+
+    class KubeAgent(Agent):
+        """The daemon's Agent, fed by the ConfigMap watch instead of a file."""
+
+        def __init__(self, config: AgentConfig, keep_attached: bool = False):
+            super().__init__(config, None, keep_attached=keep_attached)
+            self.pending: AgentConfig | None = None
+            self.stop_requested = False
+            self.last_export: str | None = None
+            self.applied_at = time.time()
+
+        def offer(self, config: AgentConfig) -> None:
+            """Called from the watch thread: the run loop applies it between drains."""
+            self.pending = config
+            self.request_reload()
+
+        def request_stop(self, *_args) -> None:
+            self.stop_requested = True
+            super().request_stop()
+
+        def reload(self) -> bool:
+            config, self.pending = self.pending, None
+            if config is not None:
+                self.apply(config)
+                self.applied_at = time.time()
+            if self.stop_requested:  # the run loop cleared the stop flag to reload: set it again
+                self._stop.set()
+            return True
+
+        def cycle(self, final: bool = False):
+            records = super().cycle(final)
+            if records:
+                self.last_export = now_micro()
+            return records
+
+        def state(self) -> dict:
+            recent = [e for e in list(self.attachments.errors)
+                      if e.time >= self.applied_at and e.time >= time.time() - 60]
+            errors = sorted({e.message for e in recent})[:5]
+            return {"interfaces": [f"{a.netns}/{a.ifname}" if a.netns else a.ifname
+                                   for a in self.attachments.attached()],
+                    "errors": errors, "lastExportTime": self.last_export,
+                    "exportedFlows": self.exported_flows}
+
+    return KubeAgent
+
+
+class KubernetesMode:
+    """Watch the node's ConfigMap, run the Agent on it, report to the Lease."""
+
+    def __init__(self, node: str, namespace: str, keep_attached: bool = False, api: Any = None,
+                 agent_factory: Callable[[AgentConfig, bool], Any] | None = None):
+        from kubernetes import client
+
+        self.node, self.namespace, self.keep_attached = node, namespace, keep_attached
+        self.api = api or _load_kube_config()
+        self.core = client.CoreV1Api(self.api)
+        self.reporter = NodeReporter(self.api, node, namespace)
+        self.agent_factory = agent_factory or _make_agent_class()
+        self.agent: Any = None
+        self.first_config: AgentConfig | None = None
+        self.stopping = threading.Event()
+        self._have_config = threading.Event()
+        self._report_now = threading.Event()
+        self._tls_dir = tempfile.mkdtemp(prefix="kipfix-tls-")
+        self._last_text: str | None = None
+
+    # -- config ---------------------------------------------------------------------
+
+    def _read_secret(self, name: str) -> dict[str, bytes]:
+        import base64
+
+        from kubernetes.client.rest import ApiException
+
+        try:
+            secret = self.core.read_namespaced_secret(name, self.namespace)
+        except ApiException as err:
+            if err.status == 404:
+                raise KeyError(name) from None
+            raise
+        return {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
+
+    def on_configmap(self, configmap: Any | None) -> None:
+        """A new state of the node's ConfigMap (None: deleted or absent)."""
+        text = None
+        if configmap is not None:
+            text = (configmap.data or {}).get(CONFIG_KEY)
+            if text is None:
+                self._config_error(f"ConfigMap {configmap_name(self.node)} has no key {CONFIG_KEY!r}")
+                return
+        if text == self._last_text:
+            return
+        if text is None:
+            log.info("ConfigMap %s is gone: no FlowExporter selects node %s; detaching", configmap_name(self.node),
+                     self.node)
+            config, digest = parse_config({}), None
+        else:
+            try:
+                doc = yaml.safe_load(text)
+                doc = resolve_secret_files(doc, self._read_secret, self._tls_dir)
+                config = parse_config(doc)
+            except (ConfigError, yaml.YAMLError) as err:
+                self._config_error(f"config {config_hash(text)} rejected, keeping the running one: {err}")
+                return
+            except Exception as err:  # noqa: BLE001 -- e.g. the Secret could not be read: retry on next event
+                self._config_error(f"config {config_hash(text)} not applied: {err}")
+                return
+            digest = config_hash(text)
+        self._last_text = text
+        if self.agent is None:
+            if text is None:
+                self.reporter.update(configHash=None, configError=None)
+                self._report_now.set()
+                return
+            self.first_config = config
+            self._have_config.set()
+        else:
+            self.agent.offer(config)
+        log.info("node %s: config %s received", self.node, digest or "(none)")
+        self.reporter.update(configHash=digest, configError=None)
+        self._report_now.set()
+
+    def _config_error(self, message: str) -> None:
+        log.error("%s", message)
+        self.reporter.update(configError=message)
+        self._report_now.set()
+
+    def watch_config(self) -> None:
+        """List, then watch from that resourceVersion; relist after errors or 410 Gone."""
+        from kubernetes import watch
+        from kubernetes.client.rest import ApiException
+
+        name = configmap_name(self.node)
+        selector = f"metadata.name={name}"
+        while not self.stopping.is_set():
+            try:
+                listed = self.core.list_namespaced_config_map(self.namespace, field_selector=selector)
+                self.on_configmap(listed.items[0] if listed.items else None)
+                version = listed.metadata.resource_version
+                while not self.stopping.is_set():
+                    stream = watch.Watch()
+                    for event in stream.stream(self.core.list_namespaced_config_map, self.namespace,
+                                               field_selector=selector, resource_version=version,
+                                               timeout_seconds=60, allow_watch_bookmarks=True):
+                        obj = event["object"]
+                        if event["type"] == "ERROR":
+                            raise ApiException(status=getattr(obj, "code", None) or 500, reason=str(obj))
+                        version = obj.metadata.resource_version
+                        if event["type"] == "BOOKMARK":
+                            continue
+                        self.on_configmap(None if event["type"] == "DELETED" else obj)
+                        if self.stopping.is_set():
+                            stream.stop()
+            except ApiException as err:
+                if err.status != 410:
+                    log.warning("watching ConfigMap %s/%s: %s; retrying", self.namespace, name, err.reason)
+                    self.stopping.wait(2)
+            except Exception as err:  # noqa: BLE001 -- the API server may be away for a while
+                log.warning("watching ConfigMap %s/%s: %s; retrying", self.namespace, name, err)
+                self.stopping.wait(2)
+
+    # -- report ---------------------------------------------------------------------
+
+    def report_loop(self) -> None:
+        while not self.stopping.is_set():
+            if self.agent is not None:
+                try:
+                    self.reporter.update(**self.agent.state())
+                except Exception:  # noqa: BLE001
+                    log.exception("reading agent state failed")
+            try:
+                self.reporter.publish()
+            except Exception as err:  # noqa: BLE001
+                log.warning("reporting node state to Lease %s/%s failed: %s", self.namespace,
+                            self.reporter.name, err)
+            self._report_now.wait(RENEW_SECONDS)
+            self._report_now.clear()
+
+    # -- main -----------------------------------------------------------------------
+
+    def request_stop(self, *_args) -> None:
+        self.stopping.set()
+        self._have_config.set()
+        self._report_now.set()
+        if self.agent is not None:
+            self.agent.request_stop()
+
+    def run(self) -> int:
+        threads = [threading.Thread(target=self.watch_config, name="kube config watch", daemon=True),
+                   threading.Thread(target=self.report_loop, name="kube report", daemon=True)]
+        for thread in threads:
+            thread.start()
+        log.info("kipfix agent for node %s: watching ConfigMap %s/%s", self.node, self.namespace,
+                 configmap_name(self.node))
+        self._have_config.wait()
+        if self.stopping.is_set() or self.first_config is None:
+            return 0
+        self.agent = self.agent_factory(self.first_config, self.keep_attached)
+        self._report_now.set()
+        if self.stopping.is_set():
+            self.agent.request_stop()
+        self.agent.run()
+        self.stopping.set()
+        self._report_now.set()
+        threads[1].join(timeout=5)
+        return 0
+
+
+def run_kubernetes_agent(keep_attached: bool = False, node: str | None = None,
+                         namespace: str | None = None) -> int:
+    """Entry for ``kipfix agent --kubernetes``."""
+    node = node or os.environ.get("NODE_NAME", "")
+    if not node:
+        log.error("--kubernetes needs the node name in NODE_NAME (downward API: fieldRef spec.nodeName)")
+        return 2
+    mode = KubernetesMode(node, namespace or default_namespace(), keep_attached=keep_attached)
+    signal.signal(signal.SIGTERM, mode.request_stop)
+    signal.signal(signal.SIGINT, mode.request_stop)
+    return mode.run()

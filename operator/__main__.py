@@ -1,0 +1,101 @@
+"""``python -m kipfix.operator`` / ``kipfix operator``: run the kopf operator.
+
+Two replicas are safe: kopf peering (ClusterKopfPeering "kipfix", created
+here if missing; CRD in crds/kopf-peering.yaml) with a random priority per
+process, so exactly one replica handles events and the other stands by and
+takes over when the first stops renewing. ``--standalone`` turns peering off
+(one replica only). The liveness endpoint (also fit for readiness) is
+``--liveness`` (default http://0.0.0.0:8080/healthz).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import sys
+
+import kopf
+
+from kipfix.agent.kube import default_namespace
+
+PEERING_NAME = "kipfix"
+
+log = logging.getLogger("kipfix.operator")
+
+
+def _load_kube_config():
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
+
+
+def ensure_peering(api, name: str) -> None:
+    """Create the ClusterKopfPeering object if it is missing (the CRD comes with the chart)."""
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    custom = client.CustomObjectsApi(api)
+    try:
+        custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", name)
+    except ApiException as err:
+        if err.status != 404:
+            raise
+        custom.create_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings",
+                                            {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering",
+                                             "metadata": {"name": name}})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kipfix operator",
+                                     description="FlowExporter operator: renders per-node agent ConfigMaps")
+    parser.add_argument("--namespace", default=None,
+                        help="namespace of the node ConfigMaps and agent Leases (default: POD_NAMESPACE, "
+                             "the service account's namespace, or kipfix)")
+    parser.add_argument("--liveness", default="http://0.0.0.0:8080/healthz",
+                        help="liveness/readiness endpoint URL (kopf)")
+    parser.add_argument("--standalone", action="store_true", help="no peering (run a single replica only)")
+    parser.add_argument("--peering", default=PEERING_NAME, help="ClusterKopfPeering object name")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    namespace = args.namespace or default_namespace()
+    api = _load_kube_config()
+
+    from . import handlers
+    from .reconcile import Reconciler
+
+    handlers.configure(Reconciler(namespace, api))
+    if not args.standalone:
+        ensure_peering(api, args.peering)
+    priority = random.randint(1, 2**15)
+
+    @kopf.on.startup()
+    def configure(settings: kopf.OperatorSettings, **_):
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kopf.kipfix.io")
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix="kopf.kipfix.io", key="last-handled-configuration")
+        settings.peering.priority = priority
+        settings.peering.clusterwide = True
+        settings.peering.name = args.peering
+        settings.posting.level = logging.WARNING
+        settings.watching.server_timeout = 120
+
+    log.info("kipfix operator: ConfigMaps in namespace %s, %s (priority %d), liveness %s", namespace,
+             "standalone" if args.standalone else f"peering {args.peering!r}", priority, args.liveness)
+    kopf.run(clusterwide=True, standalone=args.standalone, peering_name=None if args.standalone else args.peering,
+             liveness_endpoint=args.liveness)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
