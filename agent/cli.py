@@ -174,9 +174,22 @@ def cmd_meter(args) -> int:
 # ---- agent ----------------------------------------------------------------------
 
 def cmd_agent(args) -> int:
+    if args.kubernetes:
+        from .kube import run_kubernetes_agent
+
+        return run_kubernetes_agent(keep_attached=args.keep_attached)
+    if not args.config:
+        print("kipfix agent: give --config FILE, or --kubernetes to take the config from the API", file=sys.stderr)
+        return 2
     from .daemon import run_agent
 
     return run_agent(args.config, keep_attached=args.keep_attached)
+
+
+def cmd_operator(args) -> int:
+    from kipfix.operator.__main__ import main as operator_main
+
+    return operator_main(args.operator_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,11 +199,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     agent = sub.add_parser("agent", help="run the metering and export daemon")
-    agent.add_argument("--config", required=True, help="YAML file: collectors, templates, interfaces, ...")
+    agent.add_argument("--config", help="YAML file: collectors, templates, interfaces, ...")
+    agent.add_argument("--kubernetes", action="store_true",
+                       help="take the config from this node's ConfigMap (node name in NODE_NAME) and "
+                            "report node state to the API")
     agent.add_argument("--keep-attached", action="store_true",
                        help="on SIGTERM export the cache but leave filters and pinned tables in place, "
                             "so a restarted agent continues without a gap")
     agent.set_defaults(func=cmd_agent)
+
+    operator = sub.add_parser("operator", help="run the Kubernetes operator (options: kipfix operator --help)",
+                              add_help=False)
+    operator.add_argument("operator_args", nargs=argparse.REMAINDER)
+    operator.set_defaults(func=cmd_operator)
 
     meter = sub.add_parser("meter", help="attach, detach or show kipfix's tc filters")
     meter.add_argument("action", choices=["attach", "detach", "status"])
