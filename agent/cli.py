@@ -187,9 +187,9 @@ def cmd_agent(args) -> int:
 
 
 def cmd_operator(args) -> int:
-    from kipfix.operator.__main__ import main as operator_main
+    from kipfix.operator.__main__ import run
 
-    return operator_main(args.operator_args)
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,9 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "so a restarted agent continues without a gap")
     agent.set_defaults(func=cmd_agent)
 
-    operator = sub.add_parser("operator", help="run the Kubernetes operator (options: kipfix operator --help)",
-                              add_help=False)
-    operator.add_argument("operator_args", nargs=argparse.REMAINDER)
+    operator = sub.add_parser("operator", help="run the Kubernetes operator (FlowExporter -> node ConfigMaps)")
+    from kipfix.operator.__main__ import add_arguments as add_operator_arguments
+    add_operator_arguments(operator)
     operator.set_defaults(func=cmd_operator)
 
     meter = sub.add_parser("meter", help="attach, detach or show kipfix's tc filters")

@@ -16,8 +16,6 @@ import os
 import random
 import sys
 
-import kopf
-
 from kipfix.agent.kube import default_namespace
 
 PEERING_NAME = "kipfix"
@@ -51,9 +49,7 @@ def ensure_peering(api, name: str) -> None:
                                              "metadata": {"name": name}})
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kipfix operator",
-                                     description="FlowExporter operator: renders per-node agent ConfigMaps")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--namespace", default=None,
                         help="namespace of the node ConfigMaps and agent Leases (default: POD_NAMESPACE, "
                              "the service account's namespace, or kipfix)")
@@ -61,13 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="liveness/readiness endpoint URL (kopf)")
     parser.add_argument("--standalone", action="store_true", help="no peering (run a single replica only)")
     parser.add_argument("--peering", default=PEERING_NAME, help="ClusterKopfPeering object name")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = argparse.ArgumentParser(prog="python -m kipfix.operator",
+                                     description="FlowExporter operator: renders per-node agent ConfigMaps")
+    add_arguments(parser)
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run until SIGTERM/SIGINT (``args`` from add_arguments)."""
+    import kopf
+
     namespace = args.namespace or default_namespace()
     api = _load_kube_config()
 
