@@ -68,7 +68,8 @@ class Bench:
 
         self._empty_bpf = BPF(text=EMPTY_PROGRAM)
         empty_fd = self._empty_bpf.load_func(EMPTY_FUNCTION, BPF.SCHED_CLS).fd
-        self.empty_programs = tc.Programs(empty_fd, empty_fd, EMPTY_FUNCTION, EMPTY_FUNCTION)
+        self.empty_programs = tc.Programs(empty_fd, empty_fd, ingress_name=EMPTY_FUNCTION,
+                                          egress_name=EMPTY_FUNCTION)
         self.attached: str | None = None
         self.server = subprocess.Popen(
             ["ip", "netns", "exec", self.veth.ns_b, "iperf3", "-s", "-B", self.veth.ip_b, "-A", SERVER_CPU],
@@ -300,7 +301,8 @@ def main() -> int:
     print()
     print("== kipfix data path benchmark ==")
     print(f"veth pair between two netns; 'on' = kipfix on ingress+egress of both ends, 'off' = nothing attached; "
-          f"{args.rounds} interleaved rounds of {args.duration:g} s; {os.cpu_count()} CPUs; kernel {platform.release()}")
+          f"{args.rounds} interleaved rounds of {args.duration:g} s; {os.cpu_count()} CPUs; "
+          f"kernel {platform.release()}")
     print(f"TCP throughput (Gbit/s)        off {median(tcp[False]):7.2f} {spread(tcp[False])}  "
           f"on {median(tcp[True]):7.2f} {spread(tcp[True])}")
     print(f"  ratio on/off {tcp_ratio:.3f} (median of per-round ratios {spread(tcp_pairs, '{:.2f}')}; ratio of medians "
@@ -316,7 +318,7 @@ def main() -> int:
           f"what its socket cannot take)")
     print(f"kernel time per packet, 64-byte UDP (bpf_stats run_time_ns/run_cnt, both programs): median {ns:.1f} ns "
           f"{spread(udp_ns, '{:.1f}')}   target <= {TARGET_NS_PER_PACKET:g} ns  {verdict(ns <= TARGET_NS_PER_PACKET)}")
-    print(f"  ingress/egress per round: " + ", ".join(f"{i:.1f}/{e:.1f}" for i, e in udp_split))
+    print("  ingress/egress per round: " + ", ".join(f"{i:.1f}/{e:.1f}" for i, e in udp_split))
     print(f"  baseline, a program that only returns TC_ACT_UNSPEC, same hooks and traffic: median "
           f"{median(empty_ns):.1f} ns {spread(empty_ns, '{:.1f}')}; kipfix over it: {ns - median(empty_ns):.1f} ns, "
           f"ratio {ns / median(empty_ns):.2f}")
@@ -331,7 +333,8 @@ def main() -> int:
     print(f"kernel time per skb, TCP (one skb may be many GSO segments): median {median(tcp_ns):.1f} ns "
           f"{spread(tcp_ns, '{:.1f}')}")
     print("cross-check, packets to the receiver in each metered UDP run, kipfix ingress count vs veth rx_packets: "
-          + ", ".join(f"{m}/{r}" for m, r in checks) + f" (rx_packets also counts ARP, which is not metered); unmetered (table full): {unmetered[0]}")
+          + ", ".join(f"{m}/{r}" for m, r in checks)
+          + f" (rx_packets also counts ARP, which is not metered); unmetered (table full): {unmetered[0]}")
     print(f"load average at start/end: {load_start} / {os.getloadavg()[0]:.2f} (other work on the machine widens "
           f"the spread)")
     print(f"(whole run {time.monotonic() - started:.0f} s)")

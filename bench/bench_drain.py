@@ -132,8 +132,9 @@ def main() -> int:
     value, packets_per_flow = make_value(cpus, args.one_cpu)
     values_per_batch = value * min(n, FILL_BATCH)
     stride = VALUE_STRIDE * cpus
-    results = {name: [] for name in ("fill", "plain_read", "plain_read_sys", "copy", "swap", "read_clear", "read_clear_sys",
-                                      "decode", "total", "empty_total", "empty_sys")}
+    results: dict[str, list[float]] = {
+        name: [] for name in ("fill", "plain_read", "plain_read_sys", "copy", "swap", "read_clear", "read_clear_sys",
+                              "decode", "total", "empty_total", "empty_sys")}
     problems = []
     try:
         for rnd in range(args.rounds):
