@@ -10,6 +10,7 @@ Every error names the key path, the bad value and what is accepted.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +71,15 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Where the agent serves Prometheus metrics (``/metrics``)."""
+
+    address: str = "0.0.0.0"
+    port: int = 9469
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     collectors: tuple[CollectorConfig, ...] = ()
     templates: tuple[TemplateConfig, ...] = ()
@@ -81,6 +91,7 @@ class AgentConfig:
     enterprise_number: int = 32473
     json_lines: str | None = None
     pin_path: str = DEFAULT_PIN_PATH
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 # ---- parsing helpers -------------------------------------------------------
@@ -238,8 +249,23 @@ def _timeouts(data: Any) -> Timeouts:
     return Timeouts(idle, active)
 
 
+def _metrics(data: Any) -> MetricsConfig:
+    data = _mapping(data, "metrics")
+    _reject_unknown(data, ("address", "port", "enabled"), "metrics")
+    address = _str(data.get("address", "0.0.0.0"), "metrics.address")
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        raise ConfigError(f"metrics.address: {address!r} is not an IP address; accepted: an IPv4 or IPv6 "
+                          "address to listen on (0.0.0.0 or :: for all)") from None
+    enabled = data.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"metrics.enabled: {enabled!r} is not accepted; accepted: true, false")
+    return MetricsConfig(address, _int(data.get("port", 9469), "metrics.port", 1, 65535), enabled)
+
+
 TOP_LEVEL_KEYS = ("collectors", "templates", "interfaces", "timeouts", "maxFlows", "drainInterval",
-                  "observationDomainId", "enterpriseNumber", "jsonLines", "pinPath")
+                  "observationDomainId", "enterpriseNumber", "jsonLines", "pinPath", "metrics")
 
 
 def parse_config(data: Any) -> AgentConfig:
@@ -277,6 +303,7 @@ def parse_config(data: Any) -> AgentConfig:
         enterprise_number=_int(data.get("enterpriseNumber", 32473), "enterpriseNumber", 1, 2**32 - 1),
         json_lines=json_lines,
         pin_path=_str(data.get("pinPath", DEFAULT_PIN_PATH), "pinPath"),
+        metrics=_metrics(data.get("metrics")),
     )
     if config.timeouts.idle > config.timeouts.active:
         raise ConfigError(f"timeouts.idle: {config.timeouts.idle:g} s is longer than timeouts.active "
