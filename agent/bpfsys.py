@@ -101,6 +101,34 @@ def map_info(fd: int) -> MapInfo:
                    info.name.decode(errors="replace"))
 
 
+# struct bpf_prog_info (include/uapi/linux/bpf.h): offsets unchanged since 5.1. The buffer
+# is larger than the struct; the kernel fills what it knows and the rest stays zero.
+_PROG_INFO_SIZE = 256
+_PROG_INFO_ID = 4
+_PROG_INFO_NAME = 64
+_PROG_INFO_RUN_TIME_NS = 192
+_PROG_INFO_RUN_CNT = 200
+
+
+@dataclass(frozen=True)
+class ProgInfo:
+    id: int
+    name: str
+    run_time_ns: int  # cumulative, counted only while bpf_stats is enabled
+    run_cnt: int
+
+
+def prog_info(fd: int) -> ProgInfo:
+    """Id, name and bpf_stats run time/count of a loaded program."""
+    buf = ctypes.create_string_buffer(_PROG_INFO_SIZE)
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=_PROG_INFO_SIZE, info=ctypes.addressof(buf)))
+    raw = buf.raw
+    return ProgInfo(int.from_bytes(raw[_PROG_INFO_ID:_PROG_INFO_ID + 4], "little"),
+                    raw[_PROG_INFO_NAME:_PROG_INFO_NAME + 16].split(b"\0")[0].decode(errors="replace"),
+                    int.from_bytes(raw[_PROG_INFO_RUN_TIME_NS:_PROG_INFO_RUN_TIME_NS + 8], "little"),
+                    int.from_bytes(raw[_PROG_INFO_RUN_CNT:_PROG_INFO_RUN_CNT + 8], "little"))
+
+
 def map_fd_by_id(map_id: int) -> int:
     return _bpf(BPF_MAP_GET_FD_BY_ID, _IdAttr(id=map_id))
 
