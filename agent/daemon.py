@@ -59,8 +59,10 @@ def build_sink(config: AgentConfig) -> FanoutSink:
         sinks.append(JsonLinesSink(config.json_lines))
     if config.collectors:
         from .ipfix.exporter import IpfixExporter
-        sinks.append(IpfixExporter(config.collectors, config.templates, config.observation_domain_id,
-                                   enterprise_number=config.enterprise_number))
+        from .metrics import metered_transports
+        with metered_transports():  # per-collector send errors, templates, last send for the metrics
+            sinks.append(IpfixExporter(config.collectors, config.templates, config.observation_domain_id,
+                                       enterprise_number=config.enterprise_number))
     if not sinks:
         log.warning("no collectors and no jsonLines output configured: flows are metered but not exported")
     return FanoutSink(sinks)
@@ -90,6 +92,7 @@ class Agent:
         self._unmetered = self.meter.tables.unmetered()
         self.observed_packets = self.observed_octets = self.exported_flows = 0
         self.generation = 1
+        self.metrics = None  # metrics.AgentMetrics when metrics are served
 
     # -- signals and control -----------------------------------------------------
 
@@ -117,7 +120,10 @@ class Agent:
                              interfaces=tuple(self.attachments.interface_table()))
 
     def cycle(self, final: bool = False) -> list[FlowRecord]:
+        started = time.monotonic()
         flows = self.meter.drain()
+        if self.metrics is not None:
+            self.metrics.drained(flows)
         for _netns_id, _key, counters in flows:
             self.observed_packets += counters.packets
             self.observed_octets += counters.octets
@@ -135,6 +141,10 @@ class Agent:
         if records:
             self.exported_flows += len(records)
             self.sink.export(records, self.stats())
+            if self.metrics is not None:
+                self.metrics.exported(records)
+        if self.metrics is not None:
+            self.metrics.cycle_done(time.monotonic() - started)
         return records
 
     def run(self) -> None:
@@ -172,6 +182,8 @@ class Agent:
             new = load_config(self.config_path)
         except ConfigError as err:
             log.error("reload failed, keeping the running configuration: %s", err)
+            if self.metrics is not None:
+                self.metrics.reload_failed()
             return False
         self.apply(new)
         return True
@@ -179,7 +191,7 @@ class Agent:
     def apply(self, new: AgentConfig) -> None:
         """Apply only what changed; counts in the kernel and the cache stay."""
         old = self.config
-        for key in ("max_flows", "pin_path"):
+        for key in ("max_flows", "pin_path", "metrics"):
             if getattr(new, key) != getattr(old, key):
                 log.warning("%s changed (%s -> %s): takes effect when the agent restarts",
                             key, getattr(old, key), getattr(new, key))
@@ -205,6 +217,9 @@ def run_agent(config_path: str, keep_attached: bool = False) -> int:
         log.error("%s", err)
         return 2
     agent = Agent(config, config_path, keep_attached=keep_attached)
+    if config.metrics.enabled:
+        from .metrics import start_agent_metrics
+        start_agent_metrics(agent, config.metrics.address, config.metrics.port)
     agent.install_signal_handlers()
     log.info("kipfix agent running: %d interface selections, drain every %gs, idle %gs, active %gs",
              len(config.interfaces), config.drain_interval, config.timeouts.idle, config.timeouts.active)
