@@ -13,6 +13,7 @@ debs=(
   python3 python3-venv python3-pip python3-bpfcc libbpfcc   # BCC is only packaged for Debian's python
   iproute2 iputils-ping iperf3 ethtool procps                 # namespaces, veths, traffic in tests
   tshark                                                      # independent IPFIX decoder in tests
+  prometheus                                                  # real Prometheus and promtool for the metrics tests
   linux-headers-amd64                                         # fallback kernel headers for BCC
   openssl ca-certificates                                     # test CA for the TLS transport
 )
