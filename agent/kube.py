@@ -260,6 +260,7 @@ class KubernetesMode:
         self._report_now = threading.Event()
         self._tls_dir = tempfile.mkdtemp(prefix="kipfix-tls-")
         self._last_text: str | None = None
+        self._agent_lock = threading.Lock()
 
     # -- config ---------------------------------------------------------------------
 
@@ -303,15 +304,13 @@ class KubernetesMode:
                 return
             digest = config_hash(text)
         self._last_text = text
-        if self.agent is None:
-            if text is None:
-                self.reporter.update(configHash=None, configError=None)
-                self._report_now.set()
-                return
-            self.first_config = config
-            self._have_config.set()
-        else:
-            self.agent.offer(config)
+        with self._agent_lock:
+            if self.agent is None:
+                self.first_config = config if text is not None else None
+                if text is not None:
+                    self._have_config.set()
+            else:
+                self.agent.offer(config)
         log.info("node %s: config %s received", self.node, digest or "(none)")
         self.reporter.update(configHash=digest, configError=None)
         self._report_now.set()
@@ -388,10 +387,20 @@ class KubernetesMode:
             thread.start()
         log.info("kipfix agent for node %s: watching ConfigMap %s/%s", self.node, self.namespace,
                  configmap_name(self.node))
-        self._have_config.wait()
-        if self.stopping.is_set() or self.first_config is None:
-            return 0
-        self.agent = self.agent_factory(self.first_config, self.keep_attached)
+        while True:
+            self._have_config.wait()
+            if self.stopping.is_set():
+                return 0
+            with self._agent_lock:
+                first = self.first_config
+                if first is not None:
+                    break
+                self._have_config.clear()  # the ConfigMap went away before the agent started
+        agent = self.agent_factory(first, self.keep_attached)  # compiles and loads BPF: takes a while
+        with self._agent_lock:
+            self.agent = agent
+            if self.first_config is not first:  # changed meanwhile
+                agent.offer(self.first_config or parse_config({}))
         self._report_now.set()
         if self.stopping.is_set():
             self.agent.request_stop()
