@@ -163,17 +163,35 @@ def delete(fd: int, key: bytes) -> bool:
     return True
 
 
-def read_all(fd: int, key_size: int, value_size: int, capacity: int, delete: bool) -> tuple[bytes, bytes, int]:
+class BatchBuffers:
+    """Key and value buffers for batch reads of one map, allocated once.
+
+    A million-flow table needs ~150 MB of value buffer; allocating (and
+    zero-filling) it on every drain cost more than the syscalls themselves.
+    """
+
+    def __init__(self, key_size: int, value_size: int, capacity: int):
+        self.key_size, self.value_size, self.capacity = key_size, value_size, max(capacity, 1)
+        self.keys = ctypes.create_string_buffer(self.capacity * key_size)
+        self.values = ctypes.create_string_buffer(self.capacity * value_size)
+
+
+def read_all(fd: int, key_size: int, value_size: int, capacity: int, delete: bool,
+             buffers: BatchBuffers | None = None) -> tuple[memoryview, memoryview, int]:
     """Read (and with ``delete``, remove) every entry of a hash map in batches.
 
     ``value_size`` is the size of one value as the syscall returns it (for
-    per-CPU maps: round_up(value, 8) * possible CPUs). Returns the raw key and
-    value buffers and the number of entries. Only call with ``delete`` on a
-    table no program writes, or entries may be missed.
+    per-CPU maps: round_up(value, 8) * possible CPUs). Returns views of the
+    key and value buffers (valid until ``buffers`` is used again) and the
+    number of entries. Only call with ``delete`` on a table no program
+    writes, or entries may be missed.
     """
+    if buffers is None:
+        buffers = BatchBuffers(key_size, value_size, capacity)
+    elif (buffers.key_size, buffers.value_size) != (key_size, value_size) or buffers.capacity < capacity:
+        raise ValueError("batch buffers do not fit this map")
     cmd = BPF_MAP_LOOKUP_AND_DELETE_BATCH if delete else BPF_MAP_LOOKUP_BATCH
-    keys = ctypes.create_string_buffer(max(capacity, 1) * key_size)
-    values = ctypes.create_string_buffer(max(capacity, 1) * value_size)
+    keys, values = buffers.keys, buffers.values
     in_batch = ctypes.c_uint32(0)
     out_batch = ctypes.c_uint32(0)
     total = 0
@@ -196,7 +214,7 @@ def read_all(fd: int, key_size: int, value_size: int, capacity: int, delete: boo
             break
         first = False
         in_batch.value = out_batch.value
-    return keys.raw[:total * key_size], values.raw[:total * value_size], total
+    return memoryview(keys)[:total * key_size], memoryview(values)[:total * value_size], total
 
 
 def possible_cpus() -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 INGRESS = 0
 EGRESS = 1
@@ -37,12 +38,12 @@ class EndReason(enum.IntEnum):
     LACK_OF_RESOURCES = 5
 
 
-@dataclass(frozen=True, slots=True)
-class FlowKey:
+class FlowKey(NamedTuple):
     """One flow as the kernel meters it: per interface and direction.
 
     For ICMP and ICMPv6, ``sport`` is 0 and ``dport`` is type << 8 | code,
-    the value of icmpTypeCodeIPv4/IPv6.
+    the value of icmpTypeCodeIPv4/IPv6. A NamedTuple because a drain makes
+    one per flow: it is the cheapest immutable, hashable record Python has.
     """
 
     ifindex: int

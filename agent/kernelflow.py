@@ -35,31 +35,32 @@ def encode_key(netns_id: int, key: FlowKey) -> bytes:
                     key.dst.ljust(16, b"\0"), key.sport, key.dport, key.protocol)
 
 
-def sum_percpu(raw: bytes, offset: int, cpus: int) -> FlowCounters | None:
-    """Fold one key's per-CPU values; None if no CPU saw a packet."""
-    total: FlowCounters | None = None
-    for cpu in range(cpus):
-        (packets, octets, first, last, frag, vlan, inner, flags, min_ttl, max_ttl,
-         tos) = VALUE.unpack_from(raw, offset + cpu * VALUE_STRIDE)
-        if not packets:
-            continue
-        counters = FlowCounters(packets, octets, first, last, flags, min_ttl, max_ttl, tos, vlan, inner, frag)
-        if total is None:
-            total = counters
-        else:
-            total.merge(counters)
-    return total
+def decode_table(keys, values, count: int, cpus: int) -> list[tuple[int, FlowKey, FlowCounters]]:
+    """Decode a batch read: [(netns_id, key, counters)], per-CPU values folded.
 
-
-def decode_table(keys: bytes, values: bytes, count: int, cpus: int) -> list[tuple[int, FlowKey, FlowCounters]]:
-    """Decode a batch read: [(netns_id, key, counters)], empty entries dropped."""
+    The hot loop of every drain: one pass of iter_unpack over each buffer, and
+    a shortcut for the common case of a flow seen by one CPU only.
+    """
     out = []
-    stride = VALUE_STRIDE * cpus
-    for i in range(count):
-        counters = sum_percpu(values, i * stride, cpus)
-        if counters is not None:
-            netns_id, key = decode_key(keys, i * KEY.size)
-            out.append((netns_id, key, counters))
+    append = out.append
+    values_iter = VALUE.iter_unpack(memoryview(values)[:count * cpus * VALUE_STRIDE])
+    for ifindex, netns_id, direction, version, src, dst, sport, dport, proto in \
+            KEY.iter_unpack(memoryview(keys)[:count * KEY.size]):
+        total = None
+        for _ in range(cpus):
+            value = next(values_iter)
+            if not value[0]:
+                continue
+            if total is None:
+                total = FlowCounters(value[0], value[1], value[2], value[3], value[7], value[8], value[9],
+                                     value[10], value[5], value[6], value[4])
+            else:
+                total.merge(FlowCounters(value[0], value[1], value[2], value[3], value[7], value[8], value[9],
+                                         value[10], value[5], value[6], value[4]))
+        if total is not None:
+            if version == 4:
+                src, dst = src[:4], dst[:4]
+            append((netns_id, FlowKey(ifindex, direction, version, proto, src, dst, sport, dport), total))
     return out
 
 

@@ -42,6 +42,9 @@ class FlowTables:
         self.pin_path = pin_path
         self.cpus = bpfsys.possible_cpus()
         self._fds: list[int] = []
+        self._buffers: bpfsys.BatchBuffers | None = None  # made at the first read, re-used after
+        self._last_count = 0
+        self.last_drain_entries = 0
         try:
             self.tables = [self._open_table(name) for name in FLOW_TABLES]
             self.active_fd = self._open(ACTIVE_SLOT)
@@ -75,6 +78,7 @@ class FlowTables:
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
+        self._buffers = None
 
     def __enter__(self) -> "FlowTables":
         return self
@@ -99,8 +103,11 @@ class FlowTables:
     # -- reading --------------------------------------------------------------
 
     def _read(self, table: _Table, delete: bool) -> list[KernelFlow]:
+        if self._buffers is None:
+            self._buffers = bpfsys.BatchBuffers(KEY.size, VALUE_STRIDE * self.cpus, self.capacity)
         keys, values, count = bpfsys.read_all(table.fd, KEY.size, VALUE_STRIDE * self.cpus,
-                                              table.max_entries, delete)
+                                              table.max_entries, delete, self._buffers)
+        self._last_count = count
         return decode_table(keys, values, count, self.cpus)
 
     def drain(self) -> list[KernelFlow]:
@@ -115,7 +122,9 @@ class FlowTables:
         bpfsys.update(self.active_fd, ZERO, struct.pack("=i", self.tables[spare].fd))
         # Leftovers of a drain cut short (agent killed) stay in that table and
         # are counted again by the program on the next swap: late, never lost.
-        return self._read(self.tables[active], delete=True)
+        flows = self._read(self.tables[active], delete=True)
+        self.last_drain_entries = self._last_count
+        return flows
 
     def peek(self) -> list[KernelFlow]:
         """Both tables as they are, without clearing (for dump)."""
@@ -130,9 +139,10 @@ class FlowTables:
         return [(netns_id, key, counters) for (netns_id, key), counters in merged.items()]
 
     def entries(self) -> int:
-        """Keys currently in the tables (for occupancy reporting)."""
-        return sum(bpfsys.read_all(t.fd, KEY.size, VALUE_STRIDE * self.cpus, t.max_entries, False)[2]
-                   for t in self.tables)
+        """Keys the last drain found in its table: the occupancy over one drain
+        interval. Free to read at scrape time; counting a live table would cost
+        a full batch read."""
+        return self.last_drain_entries
 
     def delete(self, netns_id: int, key: FlowKey) -> bool:
         raw = encode_key(netns_id, key)
