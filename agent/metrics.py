@@ -220,7 +220,8 @@ class AgentCollector(Collector):
                       "kernel table)", iface), lambda f: self.observed.fill(f, 0)),
             (_counter("observed_bytes", "Octets metered per interface and direction: the IP packet, without "
                       "the link-layer header", iface), lambda f: self.observed.fill(f, 1)),
-            (_gauge("kernel_flows", "Flows in the kernel flow tables now (since the last drain)"),
+            (_gauge("kernel_flows", "Flows the last drain found in the kernel table: its occupancy over one "
+                    "drain interval (compare with kernel_table_capacity)"),
              lambda f: f.add_metric([], self.agent.meter.tables.entries())),
             (_gauge("cache_flows", "Flows in the agent's flow cache (waiting for their end)"),
              lambda f: f.add_metric([], len(self.agent.cache))),
