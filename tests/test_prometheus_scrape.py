@@ -14,6 +14,7 @@ import ctypes
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -232,6 +233,17 @@ def test_packet_and_byte_counters_equal_the_packets_sent(router, stack):
             with_data.add(title)
     assert {"Flows exported / s per node", "Bytes / s per node and direction", "Packets / s, top 10 interfaces",
             "Interfaces (1 attached, 0 named in the config but not attached)"} <= with_data
+
+
+    # A rejected reload is counted (and alerted on); an applied one raises the generation.
+    agent.write_config(dict(agent.config, timeouts={"idle": -1}))
+    agent.signal(signal.SIGHUP)
+    assert prometheus.settle("kipfix_agent_reload_failures_total", 1) == 1
+    assert prometheus.value("kipfix_agent_config_generation") == 1
+    wait_for(lambda: "KipfixReloadFailed" in prometheus.firing(), 30, "alert KipfixReloadFailed firing")
+    agent.write_config(dict(agent.config, timeouts={"idle": 3, "active": 60}))
+    agent.signal(signal.SIGHUP)
+    assert prometheus.settle("kipfix_agent_config_generation", 2) == 2
 
 
 @pytest.mark.root
