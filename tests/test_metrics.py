@@ -19,9 +19,11 @@ from prometheus_client import CollectorRegistry
 from kipfix.agent import bpfsys
 from kipfix.agent.attachments import Attached
 from kipfix.agent.config import CollectorConfig, ConfigError, TemplateConfig, parse_config
-from kipfix.agent.daemon import FanoutSink
+from kipfix.agent.daemon import FanoutSink, build_sink
 from kipfix.agent.flow import EGRESS, INGRESS, PROTO_UDP, EndReason, FlowCounters, FlowKey
 from kipfix.agent.flowcache import FlowCache
+from kipfix.agent.ipfix import exporter as exporter_module
+from kipfix.agent.ipfix import transport as transport_module
 from kipfix.agent.ipfix.collector import Collector
 from kipfix.agent.ipfix.dummy import MINIMAL_TEMPLATE, dummy_records
 from kipfix.agent.ipfix.exporter import IpfixExporter
@@ -457,3 +459,16 @@ def test_metrics_config_defaults_and_mistakes():
         with pytest.raises(ConfigError) as err:
             parse_config({"metrics": metrics})
         assert expected in str(err.value)
+
+
+def test_the_daemon_builds_exporters_with_metered_transports():
+    config = parse_config({"collectors": [{"address": f"127.0.0.1:{free_tcp_port()}", "transport": "tcp"}],
+                           "templates": [{"id": 256, "template": list(MINIMAL_TEMPLATE)}]})
+    sink = build_sink(config)
+    try:
+        (exporter,) = sink.sinks
+        assert all(isinstance(s.transport, MeteredTransport) for s in exporter.sessions)
+    finally:
+        for s in sink.sinks:
+            s.close(0)
+    assert exporter_module.make_transport is transport_module.make_transport  # put back after construction
