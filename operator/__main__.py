@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     api = _load_kube_config()
 
     from . import handlers
-    from .reconcile import Reconciler
+    from .reconcile import LAST_VALID_ANNOTATION, Reconciler
 
     handlers.configure(Reconciler(namespace, api))
     if not args.standalone:
@@ -88,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     def configure(settings: kopf.OperatorSettings, **_):
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kopf.kipfix.io")
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix="kopf.kipfix.io", key="last-handled-configuration")
+            prefix="kopf.kipfix.io", key="last-handled-configuration",
+            ignored_fields=[("metadata", "annotations", LAST_VALID_ANNOTATION)])
         settings.peering.priority = priority
         settings.peering.clusterwide = True
         settings.peering.name = args.peering

@@ -1,0 +1,386 @@
+"""The FlowExporter CRD and the kipfix operator against a real API server.
+
+The operator runs as a subprocess authenticated as a ServiceAccount whose
+RBAC is exactly kipfix.operator.rbac.OPERATOR_RULES; the node side runs
+``kipfix.agent.kube.KubernetesMode`` (the code behind ``kipfix agent
+--kubernetes``) as a ServiceAccount with AGENT_RULES, with a recording
+stand-in for the BPF Agent, so what is checked here is the API contract:
+CRD schema and CEL, rendering, node selection, conflicts, status, watch
+latency, garbage collection. Metering real traffic in a DaemonSet pod is the
+chart's e2e test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from kipfix.agent.config import parse_config
+from kipfix.agent.kube import CONFIG_KEY, HASH_ANNOTATION, KubernetesMode, config_hash, configmap_name
+from kipfix.operator.rbac import AGENT_RULES, OPERATOR_RULES
+
+REPO = Path(__file__).resolve().parents[2]
+CRDS = [REPO / "crds" / "flowexporter.yaml", REPO / "crds" / "kopf-peering.yaml"]
+NAMESPACE = "kipfix-op-e2e"
+GROUP, VERSION, PLURAL = "kipfix.io", "v1alpha1", "flowexporters"
+V4 = ["flowStartMilliseconds", "flowEndMilliseconds", "sourceIPv4Address", "destinationIPv4Address",
+      "octetDeltaCount", "packetDeltaCount"]
+TEST_LABEL = "kipfix-op-e2e/role"
+
+
+def wait_for(predicate, what: str, timeout: float = 30.0, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+        except ApiException as err:
+            last = err
+            if err.status != 404:
+                raise
+        if last and not isinstance(last, Exception):
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}; last: {last!r}")
+
+
+def flowexporter(name: str, role: str, **spec) -> dict:
+    base = {"nodeSelector": {"matchLabels": {TEST_LABEL: role}},
+            "collectors": [{"address": "127.0.0.1:4739"}],
+            "templates": [{"id": 256, "fields": list(V4)}],
+            "interfaces": {"host": {"names": ["eth0"]}}}
+    base.update(spec)
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "FlowExporter", "metadata": {"name": name}, "spec": base}
+
+
+def _rbac_objects(name: str, rules: list[dict]) -> list[dict]:
+    cluster = [{k: v for k, v in r.items() if k != "scope"} for r in rules if r["scope"] == "cluster"]
+    namespaced = [{k: v for k, v in r.items() if k != "scope"} for r in rules if r["scope"] == "namespace"]
+    subject = [{"kind": "ServiceAccount", "name": name, "namespace": NAMESPACE}]
+    objects = [{"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": NAMESPACE}}]
+    if cluster:
+        objects += [
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+             "metadata": {"name": f"{NAMESPACE}-{name}"}, "rules": cluster},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+             "metadata": {"name": f"{NAMESPACE}-{name}"}, "subjects": subject,
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                         "name": f"{NAMESPACE}-{name}"}}]
+    if namespaced:
+        objects += [
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+             "metadata": {"name": name, "namespace": NAMESPACE}, "rules": namespaced},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+             "metadata": {"name": name, "namespace": NAMESPACE}, "subjects": subject,
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name}}]
+    return objects
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Env:
+    def __init__(self, cluster, api):
+        self.cluster = cluster
+        self.api = api
+        self.core = client.CoreV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+        self.created: list[str] = []
+
+    def apply(self, body: dict, check: bool = True):
+        return self.cluster.kubectl("apply", "-f", "-", input=json.dumps(body), check=check)
+
+    def create(self, body: dict) -> dict:
+        self.apply(body)
+        self.created.append(body["metadata"]["name"])
+        return self.get(body["metadata"]["name"])
+
+    def get(self, name: str) -> dict:
+        return self.custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+
+    def condition(self, name: str, kind: str = "Ready") -> dict:
+        for cond in (self.get(name).get("status") or {}).get("conditions") or []:
+            if cond["type"] == kind:
+                return cond
+        return {}
+
+    def configmaps(self) -> dict[str, client.V1ConfigMap]:
+        return {cm.metadata.name: cm for cm in self.core.list_namespaced_config_map(NAMESPACE).items
+                if cm.metadata.name.startswith("kipfix-node-")}
+
+    def node_config(self, node: str) -> client.V1ConfigMap | None:
+        return self.configmaps().get(configmap_name(node))
+
+    def delete(self, name: str) -> None:
+        with contextlib.suppress(ApiException):
+            self.custom.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+
+
+@pytest.fixture(scope="module")
+def env(cluster, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("operator")
+    for crd in CRDS:
+        cluster.kubectl("apply", "-f", str(crd))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=30s",
+                    "crd/flowexporters.kipfix.io", "crd/clusterkopfpeerings.kopf.dev")
+    cluster.kubectl("create", "namespace", NAMESPACE, check=False)
+    for obj in _rbac_objects("kipfix-operator", OPERATOR_RULES) + _rbac_objects("kipfix-agent", AGENT_RULES):
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(obj))
+    api = cluster.api()
+    e = Env(cluster, api)
+    e.operator_kubeconfig = cluster.serviceaccount_kubeconfig(NAMESPACE, "kipfix-operator")
+    e.agent_kubeconfig = cluster.serviceaccount_kubeconfig(NAMESPACE, "kipfix-agent")
+    port = _free_port()
+    log_path = workdir / "operator.log"
+    e.operator_log = log_path
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kipfix.operator", "--namespace", NAMESPACE, "--standalone",
+             "--liveness", f"http://127.0.0.1:{port}/healthz"],
+            env={**os.environ, "KUBECONFIG": str(e.operator_kubeconfig)}, stdout=log, stderr=subprocess.STDOUT)
+    e.operator = proc
+
+    def alive():
+        assert proc.poll() is None, f"operator exited: {log_path.read_text()}"
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as rsp:
+                return rsp.status == 200
+        return False
+
+    wait_for(alive, "the operator's liveness endpoint")
+    try:
+        yield e
+    finally:
+        for name in e.created:
+            e.delete(name)
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        print(log_path.read_text()[-20000:])
+        # API retries while the fresh API server starts are kopf's business; handler failures are not
+        errors = [line for line in log_path.read_text().splitlines()
+                  if " ERROR " in line and "kopf._cogs.clients" not in line and "invalid spec" not in line]
+        cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
+        api.close()
+        assert not errors, "operator logged errors:\n" + "\n".join(errors)
+
+
+def _schema():
+    crd = yaml.safe_load(CRDS[0].read_text())
+    return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def _object_paths(schema, path="flowexporter"):
+    """Every path whose schema has properties (kubectl explain lists their fields)."""
+    if schema.get("type") == "array":
+        yield from _object_paths(schema["items"], path)
+        return
+    props = schema.get("properties") or {}
+    if props:
+        yield path, props
+    for name, sub in props.items():
+        if name != "metadata":
+            yield from _object_paths(sub, f"{path}.{name}")
+
+
+def test_kubectl_explain_documents_every_field(env):
+    checked = 0
+    paths = set()
+    for path, props in _object_paths(_schema()):
+        if not path.startswith("flowexporter.spec") and not path.startswith("flowexporter.status"):
+            continue
+        paths.add(path)
+        out = " ".join(env.cluster.kubectl("explain", path).stdout.split())
+        for name, sub in props.items():
+            description = " ".join(sub["description"].split())
+            assert f" {name} " in out, f"kubectl explain {path} does not list {name}:\n{out}"
+            assert description[:60] in out, f"kubectl explain {path}: {name}'s description missing:\n{out}"
+            checked += 1
+    assert {"flowexporter.spec.interfaces.pods.podSelector.matchExpressions",
+            "flowexporter.spec.collectors.tls", "flowexporter.status.conditions"} <= paths
+    assert checked >= 59
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s["templates"].append({"id": 256, "fields": ["octetDeltaCount"]}),
+     "every template id must be unique"),
+    (lambda s: s["templates"][0].update(id=255), "template ids 0..255 are reserved"),
+    (lambda s: s["collectors"][0].update(transport="tls"), "tls: required with transport tls"),
+    (lambda s: s["collectors"][0].update(transport="sctp"), 'Unsupported value: "sctp"'),
+    (lambda s: s["collectors"][0].update(address="no-port"), "spec.collectors[0].address"),
+    (lambda s: s.update(observationDomainId={"fixed": 1, "perNode": True}), "exactly one of fixed or perNode"),
+    (lambda s: s.update(timeouts={"idle": 100, "active": 10}), "idle must not be longer than active"),
+    (lambda s: s.update(maxFlows=8), "spec.maxFlows"),
+    (lambda s: s.update(interfaces={}), "give host, pods or both"),
+])
+def test_the_api_rejects_what_the_schema_and_cel_forbid(env, change, message):
+    body = flowexporter("e2e-rejected", "none")
+    change(body["spec"])
+    result = env.apply(body, check=False)
+    assert result.returncode != 0, "the API accepted an invalid FlowExporter"
+    assert message in result.stderr, result.stderr
+
+
+def test_render_relabel_conflict_invalid_and_delete(env):
+    nodes = env.cluster.nodes
+    for name, role in (("op-a", "edge"), ("op-b", "edge"), ("op-c", "core")):
+        nodes.add(name, {TEST_LABEL: role})
+
+    env.create(flowexporter("e2e-edge", "edge"))
+    cms = wait_for(lambda: (lambda c: c if set(c) >= {configmap_name("op-a"), configmap_name("op-b")} else None)(
+        env.configmaps()), "ConfigMaps for the edge nodes")
+    assert configmap_name("op-c") not in cms
+    cm = cms[configmap_name("op-a")]
+    config = parse_config(yaml.safe_load(cm.data[CONFIG_KEY]))
+    assert [c.address for c in config.collectors] == ["127.0.0.1:4739"]
+    assert config.interfaces[0].names == ("eth0",)
+    assert cm.metadata.annotations[HASH_ANNOTATION] == config_hash(cm.data[CONFIG_KEY])
+    fe = env.get("e2e-edge")
+    assert [(r.kind, r.name, r.uid) for r in cm.metadata.owner_references] == [
+        ("FlowExporter", "e2e-edge", fe["metadata"]["uid"])]
+    status = wait_for(lambda: (env.get("e2e-edge").get("status") or {}).get("nodesTargeted") == 2
+                      and env.get("e2e-edge")["status"], "status with 2 targeted nodes")
+    assert (status["nodesConfigured"], status["nodesReady"]) == (2, 0)
+    assert {e["reason"] for e in status["nodeErrors"]} == {"AgentMissing"}
+    ready = env.condition("e2e-edge")
+    assert (ready["status"], ready["reason"], ready["observedGeneration"]) == ("False", "NodesNotReady", 1)
+    printed = env.cluster.kubectl("get", "fe", "e2e-edge").stdout
+    assert "udp/127.0.0.1:4739" in printed and "0/2" in printed, printed
+
+    # idempotent: nothing is rewritten while nothing changes
+    versions = {n: c.metadata.resource_version for n, c in env.configmaps().items()}
+    time.sleep(6)  # one status refresh period of the operator; nothing may change in it
+    assert {n: c.metadata.resource_version for n, c in env.configmaps().items()} == versions
+
+    # relabel: c joins, a leaves
+    nodes.label("op-c", {TEST_LABEL: "edge"})
+    wait_for(lambda: env.node_config("op-c"), "op-c's ConfigMap after it joined")
+    nodes.label("op-a", {TEST_LABEL: None})
+    wait_for(lambda: env.node_config("op-a") is None, "op-a's ConfigMap removed after it left")
+
+    # an invalid spec the schema cannot see: Ready=False naming it, config unchanged
+    before = env.node_config("op-b").data[CONFIG_KEY]
+    env.apply(flowexporter("e2e-edge", "edge", templates=[{"id": 256, "fields": V4 + ["fooBar"]}]))
+    cond = wait_for(lambda: (lambda c: c if c.get("reason") == "InvalidSpec" else None)(env.condition("e2e-edge")),
+                    "Ready=False InvalidSpec")
+    assert cond["status"] == "False" and cond["observedGeneration"] == 2
+    assert "spec.templates[0].fields: unknown information element 'fooBar'" in cond["message"]
+    assert "previously applied spec stays in force" in cond["message"]
+    assert env.node_config("op-b").data[CONFIG_KEY] == before
+
+    # fixed again, with a second collector: the nodes follow
+    env.apply(flowexporter("e2e-edge", "edge", collectors=[{"address": "127.0.0.1:4739"},
+                                                          {"address": "127.0.0.1:4740", "transport": "tcp"}]))
+    wait_for(lambda: "127.0.0.1:4740" in env.node_config("op-b").data[CONFIG_KEY], "the new collector rendered")
+    wait_for(lambda: env.condition("e2e-edge").get("reason") == "NodesNotReady", "InvalidSpec cleared")
+
+    # a conflicting exporter is refused on the shared nodes, naming both
+    env.create(flowexporter("e2e-conflict", "edge", templates=[{"id": 256, "fields": ["octetDeltaCount"]}]))
+    errors = wait_for(lambda: [e for e in (env.get("e2e-conflict").get("status") or {}).get("nodeErrors") or []
+                               if e["reason"] == "Conflict"], "Conflict node errors")
+    assert {e["node"] for e in errors} == {"op-b", "op-c"}
+    assert "template id 256" in errors[0]["message"]
+    assert "'e2e-conflict'" in errors[0]["message"] and "'e2e-edge'" in errors[0]["message"]
+    assert "octetDeltaCount" not in env.node_config("op-b").data[CONFIG_KEY].split("templates:")[0]
+    degraded = env.condition("e2e-conflict", "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "Conflict")
+
+    # a compatible one merges: two owners
+    env.create(flowexporter("e2e-extra", "edge", collectors=[{"address": "127.0.0.1:4741"}],
+                            templates=[{"id": 300, "fields": ["octetDeltaCount", "packetDeltaCount"]}]))
+    cm = wait_for(lambda: (lambda c: c if c and len(c.metadata.owner_references) == 2 else None)(
+        env.node_config("op-b")), "op-b's ConfigMap owned by two FlowExporters")
+    assert sorted(r.name for r in cm.metadata.owner_references) == ["e2e-edge", "e2e-extra"]
+    assert "127.0.0.1:4741" in cm.data[CONFIG_KEY]
+
+    # deleting one re-renders without it; deleting all removes the ConfigMaps
+    env.delete("e2e-extra")
+    wait_for(lambda: "127.0.0.1:4741" not in env.node_config("op-b").data[CONFIG_KEY], "e2e-extra's part gone")
+    env.delete("e2e-conflict")
+    env.delete("e2e-edge")
+    wait_for(lambda: env.node_config("op-b") is None and env.node_config("op-c") is None,
+             "ConfigMaps removed after the FlowExporters were deleted")
+    for name in ("op-a", "op-b", "op-c"):
+        nodes.remove(name)
+
+
+class RecordingAgent:
+    """Stands in for the BPF Agent: records each config it is given."""
+
+    instances: list["RecordingAgent"] = []
+
+    def __init__(self, config, keep_attached=False):
+        self.configs = [(time.monotonic(), config)]
+        self._stop = threading.Event()
+        RecordingAgent.instances.append(self)
+
+    def offer(self, config):
+        self.configs.append((time.monotonic(), config))
+
+    def state(self):
+        config = self.configs[-1][1]
+        return {"interfaces": [n for s in config.interfaces for n in s.names], "errors": [],
+                "lastExportTime": None, "exportedFlows": 0}
+
+    def request_stop(self, *_):
+        self._stop.set()
+
+    def run(self):
+        self._stop.wait()
+
+
+def test_agent_follows_its_node_config_and_reports_ready(env, cluster):
+    from controlplane import api_client
+
+    cluster.nodes.add("op-agent", {TEST_LABEL: "agent"})
+    agent_api = api_client(env.agent_kubeconfig)
+    RecordingAgent.instances.clear()
+    mode = KubernetesMode("op-agent", NAMESPACE, api=agent_api, agent_factory=RecordingAgent)
+    thread = threading.Thread(target=mode.run, daemon=True)
+    thread.start()
+    try:
+        env.create(flowexporter("e2e-agent", "agent"))
+        agent = wait_for(lambda: RecordingAgent.instances and RecordingAgent.instances[0], "the agent started")
+        assert [c.address for c in agent.configs[0][1].collectors] == ["127.0.0.1:4739"]
+        status = wait_for(lambda: (lambda s: s if s.get("nodesReady") == 1 else None)(
+            env.get("e2e-agent").get("status") or {}), "nodesReady 1", timeout=30)
+        assert status["nodesTargeted"] == 1 and status["nodeErrors"] == []
+        ready = env.condition("e2e-agent")
+        assert (ready["status"], ready["reason"]) == ("True", "AllNodesReady")
+        assert "1/1" in env.cluster.kubectl("get", "fe", "e2e-agent").stdout
+
+        # a spec change reaches the agent within 5 s of the ConfigMap change (a watch, not a poll)
+        env.apply(flowexporter("e2e-agent", "agent", collectors=[{"address": "127.0.0.1:4750"}]))
+        wait_for(lambda: "127.0.0.1:4750" in (env.node_config("op-agent").data[CONFIG_KEY]), "ConfigMap updated")
+        changed = time.monotonic()
+        wait_for(lambda: len(agent.configs) >= 2, "the agent received the new config", timeout=5)
+        assert agent.configs[-1][0] - changed < 5
+        assert [c.address for c in agent.configs[-1][1].collectors] == ["127.0.0.1:4750"]
+
+        # the FlowExporter goes: the ConfigMap goes, the agent gets the empty config (detach all)
+        env.delete("e2e-agent")
+        wait_for(lambda: len(agent.configs) >= 3, "the empty config after deletion", timeout=30)
+        assert agent.configs[-1][1].interfaces == () and agent.configs[-1][1].collectors == ()
+    finally:
+        mode.request_stop()
+        thread.join(timeout=10)
+        agent_api.close()
+        cluster.nodes.remove("op-agent")
