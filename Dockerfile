@@ -4,7 +4,7 @@
 #   buildah bud --pull=never --isolation chroot -t kipfix .   (tests/image/build-image.sh)
 #
 # The agent:    kipfix agent --kubernetes        (or --config FILE outside Kubernetes)
-# The operator: python -m kipfix.operator        (kopf; see deploy/helm/kipfix)
+# The operator: kipfix operator                   (kopf; see deploy/helm/kipfix)
 # Self-check:   kipfix dependency-check
 
 # ---- Debian's kernel headers, merged into one tree --------------------------------

@@ -126,7 +126,7 @@ ca_bundle=${KIPFIX_BUILD_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 secret=()
 [ -s "$ca_bundle" ] && secret=(--secret "id=ca-bundle,src=$ca_bundle")
 log "buildah bud --pull=never --isolation chroot --layers ${secret[*]} -t $image $context"
-buildah bud --pull=never --isolation chroot --layers "${secret[@]}" -t "$image" -f "$context/Dockerfile" "$context" \
+buildah bud --pull=never --isolation chroot --layers --force-rm "${secret[@]}" -t "$image" -f "$context/Dockerfile" "$context" \
   >"$cache/bud.log" 2>&1 || { tail -n 40 "$cache/bud.log" >&2; exit 1; }
 image_id=$(buildah inspect --type image --format '{{.FromImageID}}' "$image")
 timed "built $image (${image_id:0:12})"
