@@ -347,7 +347,8 @@ def test_schema_rejects_bad_values(helm, bad, message):
     result = render(helm, sets=(bad,), check=False)
     assert result.returncode != 0, f"--set {bad} was accepted"
     assert "values don't meet the specifications of the schema" in result.stderr, result.stderr
-    assert message in result.stderr, result.stderr
+    # helm < 3.18 names the value a.b.1, later versions /a/b/1
+    assert message in result.stderr or "/" + message.replace(".", "/") in result.stderr, result.stderr
 
 
 def test_schema_requires_the_top_level_sections(helm, tmp_path):
