@@ -19,6 +19,8 @@
   annotation ``kipfix.io/report`` (JSON: configHash, configError, interfaces,
   errors, lastExportTime, exportedFlows). The operator aggregates these into
   each FlowExporter's status.
+- ``KIPFIX_PIN_PATH`` (optional) overrides the pinned-table path, a property
+  of the node rather than of a FlowExporter.
 
 API calls (see kipfix.operator.rbac.AGENT_RULES): configmaps get/list/watch,
 secrets get, leases get/create/patch — all in the agent's namespace.
@@ -57,6 +59,7 @@ AGENT_REPORT_COMPONENT = "agent-report"
 SECRET_PREFIX = "secret:"
 LEASE_SECONDS = 30
 RENEW_SECONDS = 10
+PIN_PATH_ENV = "KIPFIX_PIN_PATH"  # where the DaemonSet mounts bpffs for kipfix (default /sys/fs/bpf/kipfix)
 SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
@@ -95,6 +98,11 @@ def default_namespace() -> str:
 
 def now_micro() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def empty_config() -> AgentConfig:
+    """What a node runs when no FlowExporter selects it: nothing attached, nothing exported."""
+    return parse_config({"pinPath": os.environ[PIN_PATH_ENV]} if os.environ.get(PIN_PATH_ENV) else {})
 
 
 def resolve_secret_files(doc: Any, read_secret: Callable[[str], dict[str, bytes]], directory: str) -> Any:
@@ -233,7 +241,7 @@ def _make_agent_class():
             recent = [e for e in list(self.attachments.errors)
                       if e.time >= self.applied_at and e.time >= time.time() - 60]
             errors = sorted({e.message for e in recent})[:5]
-            return {"interfaces": [f"{a.netns}/{a.ifname}" if a.netns else a.ifname
+            return {"interfaces": [a.ifname if a.netns in ("", "host") else f"{a.netns}/{a.ifname}"
                                    for a in self.attachments.attached()],
                     "errors": errors, "lastExportTime": self.last_export,
                     "exportedFlows": self.exported_flows}
@@ -290,11 +298,13 @@ class KubernetesMode:
         if text is None:
             log.info("ConfigMap %s is gone: no FlowExporter selects node %s; detaching", configmap_name(self.node),
                      self.node)
-            config, digest = parse_config({}), None
+            config, digest = empty_config(), None
         else:
             try:
                 doc = yaml.safe_load(text)
                 doc = resolve_secret_files(doc, self._read_secret, self._tls_dir)
+                if isinstance(doc, dict) and os.environ.get(PIN_PATH_ENV):  # a node setting, not a spec one
+                    doc = {**doc, "pinPath": os.environ[PIN_PATH_ENV]}
                 config = parse_config(doc)
             except (ConfigError, yaml.YAMLError) as err:
                 self._config_error(f"config {config_hash(text)} rejected, keeping the running one: {err}")
@@ -339,10 +349,12 @@ class KubernetesMode:
                                                timeout_seconds=60, allow_watch_bookmarks=True):
                         obj = event["object"]
                         if event["type"] == "ERROR":
-                            raise ApiException(status=getattr(obj, "code", None) or 500, reason=str(obj))
-                        version = obj.metadata.resource_version
-                        if event["type"] == "BOOKMARK":
+                            code = obj.get("code") if isinstance(obj, dict) else getattr(obj, "code", None)
+                            raise ApiException(status=code or 500, reason=str(obj))
+                        if event["type"] == "BOOKMARK":  # the client leaves these as dicts
+                            version = (event["raw_object"].get("metadata") or {}).get("resourceVersion", version)
                             continue
+                        version = obj.metadata.resource_version
                         self.on_configmap(None if event["type"] == "DELETED" else obj)
                         if self.stopping.is_set():
                             stream.stop()
@@ -400,7 +412,7 @@ class KubernetesMode:
         with self._agent_lock:
             self.agent = agent
             if self.first_config is not first:  # changed meanwhile
-                agent.offer(self.first_config or parse_config({}))
+                agent.offer(self.first_config or empty_config())
         self._report_now.set()
         if self.stopping.is_set():
             self.agent.request_stop()

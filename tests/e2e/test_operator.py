@@ -384,3 +384,97 @@ def test_agent_follows_its_node_config_and_reports_ready(env, cluster):
         thread.join(timeout=10)
         agent_api.close()
         cluster.nodes.remove("op-agent")
+
+
+def _tc_filters(ifname: str) -> str:
+    return "".join(subprocess.run(["tc", "filter", "show", "dev", ifname, direction], capture_output=True,
+                                  text=True).stdout for direction in ("ingress", "egress"))
+
+
+def _report(env, node: str) -> dict:
+    lease = client.CoordinationV1Api(env.api).read_namespaced_lease(f"kipfix-agent-{node}", NAMESPACE)
+    return json.loads(lease.metadata.annotations["kipfix.io/report"])
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_real_agent_in_kubernetes_mode_attaches_reports_and_detaches(env, cluster, tmp_path):
+    """`kipfix agent --kubernetes` with BPF: a host interface made for the test (its veth peer
+    lives in a throw-away netns, so deleting that netns removes both)."""
+    import uuid
+
+    suffix = uuid.uuid4().hex[:8]
+    scratch, ifname, peer = f"kxkube-{suffix}", f"kxk{suffix}", f"kxq{suffix}"
+    node = f"op-real-{suffix}"
+    pin_path = f"/sys/fs/bpf/kipfix-test-{suffix}"
+    subprocess.run(["ip", "netns", "add", scratch], check=True)
+    proc = None
+    log_path = tmp_path / "agent.log"
+    try:
+        subprocess.run(["ip", "link", "add", ifname, "type", "veth", "peer", "name", peer, "netns", scratch],
+                       check=True)
+        subprocess.run(["ip", "link", "set", ifname, "up"], check=True)
+        cluster.nodes.add(node, {TEST_LABEL: f"real-{suffix}"})
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(
+                [str(Path(sys.executable).with_name("kipfix")), "--log-level", "debug", "agent", "--kubernetes"],
+                env={**os.environ, "KUBECONFIG": str(env.agent_kubeconfig), "NODE_NAME": node,
+                     "POD_NAMESPACE": NAMESPACE, "KIPFIX_PIN_PATH": pin_path},
+                stdout=log, stderr=subprocess.STDOUT)
+        wait_for(lambda: _report(env, node), "the agent's first report (before any config)")
+        assert "kipfix" not in _tc_filters(ifname)
+
+        env.create(flowexporter(f"e2e-real-{suffix}", f"real-{suffix}",
+                                interfaces={"host": {"names": [ifname]}}))
+        report = wait_for(lambda: (lambda r: r if ifname in r["interfaces"] else None)(_report(env, node)),
+                          "the agent attached and reported the interface", timeout=120)
+        assert report["configError"] is None and report["errors"] == []
+        assert report["configHash"] == env.node_config(node).metadata.annotations[HASH_ANNOTATION]
+        assert "kipfix" in _tc_filters(ifname)
+        wait_for(lambda: (env.get(f"e2e-real-{suffix}").get("status") or {}).get("nodesReady") == 1,
+                 "nodesReady 1 from the real agent's report", timeout=30)
+
+        env.delete(f"e2e-real-{suffix}")
+        wait_for(lambda: "kipfix" not in _tc_filters(ifname), "filters removed after the FlowExporter went",
+                 timeout=30)
+        wait_for(lambda: _report(env, node)["interfaces"] == [], "the report shows nothing attached")
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0, log_path.read_text()
+    finally:
+        if proc and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        subprocess.run(["ip", "netns", "del", scratch], check=False)
+        subprocess.run(["rm", "-rf", pin_path], check=False)
+        with contextlib.suppress(Exception):
+            cluster.nodes.remove(node)
+        print(log_path.read_text()[-5000:] if log_path.exists() else "")
+
+
+def test_two_peered_operators_one_pauses(env, cluster, tmp_path):
+    """kopf peering with random priorities: of two replicas exactly one handles events."""
+    procs, logs = [], []
+    for i in range(2):
+        path = tmp_path / f"operator-{i}.log"
+        logs.append(path)
+        with open(path, "w") as log:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "kipfix.operator", "--namespace", NAMESPACE, "--peering", "kipfix-e2e",
+                 "--liveness", f"http://127.0.0.1:{_free_port()}/healthz"],
+                env={**os.environ, "KUBECONFIG": str(env.operator_kubeconfig)}, stdout=log,
+                stderr=subprocess.STDOUT))
+    try:
+        paused = wait_for(lambda: [i for i, p in enumerate(logs) if "Pausing operations in favour of"
+                                   in p.read_text()], "one replica pausing in favour of the other", timeout=60)
+        assert len(paused) == 1, [p.read_text() for p in logs]
+        assert all(p.poll() is None for p in procs)
+        peering = env.custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", "kipfix-e2e")
+        assert len(peering.get("status") or {}) == 2
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
