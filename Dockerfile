@@ -73,7 +73,8 @@ COPY . /src
 RUN set -eux; \
     pip install --no-deps --no-build-isolation /src; \
     rm -rf /src; \
-    python -c 'import bcc, pyroute2, kipfix.agent'
+    python -c 'import bcc, pyroute2, kopf, kipfix.agent, kipfix.operator.handlers'; \
+    kipfix --version
 
 LABEL org.opencontainers.image.title="kipfix" \
       org.opencontainers.image.description="eBPF IPFIX flow exporter: agent and Kubernetes operator" \

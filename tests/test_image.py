@@ -67,7 +67,7 @@ class Container:
     """One runc container on the image's root filesystem, in the host network
     namespace, like the chart's agent pod (hostNetwork) minus Kubernetes."""
 
-    def __init__(self, image: BuiltImage, workdir: Path, args: list[str]):
+    def __init__(self, image: BuiltImage, workdir: Path, args: list[str], entrypoint: list[str] | None = None):
         self.id = f"kipfix-test-{uuid.uuid4().hex[:10]}"
         self.bundle = workdir / "bundle"
         self.state_root = workdir / "runc-state"   # private runc state: never the host's
@@ -85,7 +85,7 @@ class Container:
         spec["hostname"] = "kipfix-test"
         spec["process"].update(
             terminal=False,
-            args=list(config.get("Entrypoint") or []) + args,
+            args=list(config.get("Entrypoint") or [] if entrypoint is None else entrypoint) + args,
             env=list(config.get("Env") or []),
             cwd="/",
             noNewPrivileges=True,                       # allowPrivilegeEscalation: false
@@ -157,8 +157,8 @@ class Container:
 def containers(tmp_path):
     made: list[Container] = []
 
-    def make(image: BuiltImage, args: list[str]) -> Container:
-        container = Container(image, tmp_path / f"c{len(made)}", args)
+    def make(image: BuiltImage, args: list[str], entrypoint: list[str] | None = None) -> Container:
+        container = Container(image, tmp_path / f"c{len(made)}", args, entrypoint)
         made.append(container)
         return container
 
@@ -192,6 +192,17 @@ def test_dependency_check_in_the_container_uses_the_bundled_headers(image, conta
     headers = next(c for name, c in checks.items() if "header" in name)
     assert headers["valid"] and f"bundled fallback {FALLBACK}" in headers["detail"], headers
     assert checks["bpf syscall"]["valid"], checks["bpf syscall"]
+
+
+def test_operator_entrypoint_and_modules_in_the_container(image, containers):
+    """The chart's operator command line, and everything its handlers import."""
+    container = containers(image, ["operator", "--help"]).start()
+    assert container.wait(60) == 0, container.log()
+    assert "--peering" in container.log() and "--liveness" in container.log()
+    container = containers(image, ["-c", "import kopf, kubernetes, kipfix.operator.handlers; print('imported')"],
+                           entrypoint=["python"]).start()
+    assert container.wait(60) == 0, container.log()
+    assert "imported" in container.log()
 
 
 def test_agent_in_the_container_meters_exactly_the_pings(image, containers, veth_pair):
