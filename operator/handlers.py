@@ -10,12 +10,17 @@
   filters out status-only updates; kipfix never writes to Node objects).
 - A timer per FlowExporter refreshes its status from the agents' reports.
 
+Every reconciliation covers all exporters and nodes, so events arriving in a
+burst (every Node at start, several timers) share one: a handler skips when a
+reconciliation that started after its event has already run.
+
 API errors become ``kopf.TemporaryError`` so kopf retries with a delay.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import kopf
@@ -35,13 +40,15 @@ def configure(reconciler: Reconciler) -> None:
     _state["labels"] = {}
 
 
-def _reconcile(reason: str):
+def _reconcile(reason: str, since: float | None = None):
     from kubernetes.client.rest import ApiException
     from urllib3.exceptions import HTTPError
 
     reconciler: Reconciler = _state["reconciler"]
+    if since is None:
+        since = time.monotonic()  # a reconciliation that starts after this moment sees this event
     try:
-        return reconciler.reconcile(reason)
+        return reconciler.reconcile(reason, since=since)
     except ApiException as err:
         raise kopf.TemporaryError(f"API error while reconciling ({reason}): {err.status} {err.reason}",
                                   delay=RETRY_DELAY) from None
@@ -68,7 +75,8 @@ def flowexporter_deleted(event: dict, name: str, **_: Any) -> None:
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=STATUS_INTERVAL, initial_delay=STATUS_INTERVAL)
 def refresh_status(name: str, **_: Any) -> None:
-    _reconcile(f"status of {name}")
+    # one reconciliation serves every exporter's timer that fires within half a period
+    _reconcile(f"status of {name}", since=time.monotonic() - STATUS_INTERVAL / 2)
 
 
 @kopf.on.event("", "v1", "nodes")

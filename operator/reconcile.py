@@ -23,6 +23,7 @@ import datetime as dt
 import json
 import logging
 import threading
+import time
 from typing import Any
 
 from kipfix.agent.kube import (AGENT_REPORT_COMPONENT, COMPONENT_LABEL, CONFIG_KEY, HASH_ANNOTATION,
@@ -100,6 +101,8 @@ class Reconciler:
         self.coordination = client.CoordinationV1Api(self.api)
         self.lock = threading.Lock()
         self.writes = 0  # ConfigMap and status writes, for tests and logs
+        self.last_started = float("-inf")
+        self.last_outcome: Outcome | None = None
 
     # -- reads ------------------------------------------------------------------------
 
@@ -121,9 +124,16 @@ class Reconciler:
 
     # -- the reconciliation -------------------------------------------------------------
 
-    def reconcile(self, reason: str = "") -> Outcome:
+    def reconcile(self, reason: str = "", since: float | None = None) -> Outcome:
+        """Reconcile everything; with ``since`` (a time.monotonic() value), skip it when a reconciliation
+        that started after ``since`` already saw the change (events arriving in a burst coalesce)."""
         with self.lock:
-            return self._reconcile(reason)
+            if since is not None and self.last_started >= since and self.last_outcome is not None:
+                return self.last_outcome
+            self.last_started = time.monotonic()
+            self.last_outcome = None
+            self.last_outcome = self._reconcile(reason)
+            return self.last_outcome
 
     def _reconcile(self, reason: str) -> Outcome:
         bodies = self._exporters()
