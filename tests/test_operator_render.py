@@ -234,3 +234,19 @@ def test_previous_valid_spec_is_rendered_while_the_current_is_invalid():
     assert error.startswith("spec.templates[0].fields: unknown information element 'noSuchElement'")
     del bad["metadata"]["annotations"]
     assert exporter_or_previous(bad)[0] is None
+
+
+def test_pod_interfaces_are_accepted_but_reported_as_not_metered_yet():
+    fe = body(interfaces={"host": {"names": ["eth0"]},
+                          "pods": {"podSelector": {"matchLabels": {"app": "web"}}}})
+    exporter = parse_exporter(fe)
+    assert exporter.pods["interfaces"] == ["eth0"]  # the default
+    doc = yaml.safe_load(plan([exporter], {"n": {}}).nodes["n"].text)
+    assert [s["names"] for s in doc["interfaces"]] == [["eth0"]]  # host only
+    outcome = status.ExporterOutcome(name="a", generation=1, targeted=["n"], configured=["n"], pods_requested=True)
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    report = status.parse_lease(_lease("n", "2026-01-01T00:00:00.000000Z", configHash="h"))
+    result = status.exporter_status(outcome, {"n": "h"}, {"n": report}, None, now)
+    ready, degraded = result["conditions"]
+    assert (ready["status"], degraded["status"], degraded["reason"]) == ("True", "True", "PodInterfacesUnsupported")
+    assert "spec.interfaces.pods is not metered yet" in degraded["message"]
