@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
-# Idempotent set-up of everything kipfix and its tests need on Debian 12, as root:
-# Debian packages, kernel headers for BCC, and the project venv (.venv).
+# Idempotent set-up of everything kipfix needs on Debian 12, as root: Debian
+# packages, kernel headers for BCC, and the project venv (.venv).
+#   scripts/install.sh          what the agent and the demo need
+#   scripts/install.sh --test   also what the whole test suite needs: image build
+#                               tools, Prometheus, and the Kubernetes binaries of
+#                               the e2e tests (built from Go modules, cached in
+#                               ~/.cache/kipfix-e2e; needs Go >= 1.24)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
+with_tests=0
+[ "${1:-}" = "--test" ] && with_tests=1
 
 log() { printf '[install] %s\n' "$*"; }
 
@@ -12,11 +19,16 @@ log() { printf '[install] %s\n' "$*"; }
 debs=(
   python3 python3-venv python3-pip python3-bpfcc libbpfcc   # BCC is only packaged for Debian's python
   iproute2 iputils-ping iperf3 ethtool procps                 # namespaces, veths, traffic in tests
-  tshark                                                      # independent IPFIX decoder in tests
-  prometheus                                                  # real Prometheus and promtool for the metrics tests
   linux-headers-amd64                                         # fallback kernel headers for BCC
   openssl ca-certificates                                     # test CA for the TLS transport
 )
+if [ "$with_tests" = 1 ]; then
+  debs+=(
+    tshark                                                    # independent IPFIX decoder in tests
+    prometheus                                                # real Prometheus and promtool for the metrics tests
+    debootstrap buildah runc                                  # build and run the container image in tests
+  )
+fi
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -48,4 +60,7 @@ else
   log "venv up to date"
 fi
 "$venv/bin/python" -c 'import bcc, pyroute2, kipfix.agent' || { echo "venv check failed" >&2; exit 1; }
+if [ "$with_tests" = 1 ]; then
+  bash "$repo/tests/e2e/build-tools.sh"
+fi
 log "done: $("$venv/bin/kipfix" --version)"
