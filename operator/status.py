@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 from kipfix.agent.kube import REPORT_ANNOTATION
 
+MAX_NODE_ERRORS = 100
+
 
 @dataclass(frozen=True)
 class NodeReport:
@@ -148,6 +150,10 @@ def exporter_status(outcome: ExporterOutcome, node_hashes: dict[str, str], repor
         degraded = (True, degraded_reasons[0], "; ".join(messages))
     else:
         degraded = (False, "AsExpected", "no problem reported")
+    if len(errors) > MAX_NODE_ERRORS:  # keep the object small on big clusters; the count stays exact
+        errors = errors[:MAX_NODE_ERRORS - 1] + [{
+            "node": "(more)", "reason": "Truncated",
+            "message": f"{len(errors) - MAX_NODE_ERRORS + 1} more nodes with problems not listed"}]
     return {
         "observedGeneration": outcome.generation,
         "collectors": outcome.collectors,
