@@ -478,3 +478,44 @@ def test_two_peered_operators_one_pauses(env, cluster, tmp_path):
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def test_agent_reads_tls_files_from_the_secret(env, cluster):
+    import base64
+
+    from controlplane import api_client
+
+    node = "op-tls"
+    cluster.nodes.add(node, {TEST_LABEL: "tls"})
+    env.core.create_namespaced_secret(NAMESPACE, {
+        "metadata": {"name": "collector-tls"}, "type": "Opaque",
+        "data": {"ca.crt": base64.b64encode(b"test CA bytes\n").decode()}})
+    agent_api = api_client(env.agent_kubeconfig)
+    RecordingAgent.instances.clear()
+    mode = KubernetesMode(node, NAMESPACE, api=agent_api, agent_factory=RecordingAgent)
+    thread = threading.Thread(target=mode.run, daemon=True)
+    thread.start()
+    try:
+        env.create(flowexporter("e2e-tls", "tls", collectors=[{
+            "address": "127.0.0.1:4741", "transport": "tls",
+            "tls": {"secretName": "collector-tls", "serverName": "collector.test"}}]))
+        agent = wait_for(lambda: RecordingAgent.instances and RecordingAgent.instances[0], "the agent started")
+        tls = agent.configs[0][1].collectors[0].tls
+        assert Path(tls.ca_file).read_bytes() == b"test CA bytes\n"
+        assert (tls.cert_file, tls.key_file, tls.server_name) == (None, None, "collector.test")
+        # a Secret that does not exist: the agent keeps its config and reports why
+        env.apply(flowexporter("e2e-tls", "tls", collectors=[{
+            "address": "127.0.0.1:4741", "transport": "tls", "tls": {"secretName": "no-such-secret"}}]))
+        report = wait_for(lambda: (lambda r: r if r["configError"] else None)(_report(env, node)),
+                          "the agent's configError")
+        assert "Secret 'no-such-secret' not found" in report["configError"]
+        assert len(agent.configs) == 1
+        errors = wait_for(lambda: [e for e in (env.get("e2e-tls").get("status") or {}).get("nodeErrors") or []
+                                   if e["reason"] == "AgentError"], "AgentError in the FlowExporter status")
+        assert "no-such-secret" in errors[0]["message"]
+    finally:
+        env.delete("e2e-tls")
+        mode.request_stop()
+        thread.join(timeout=10)
+        agent_api.close()
+        cluster.nodes.remove(node)
