@@ -138,11 +138,12 @@ def template_for(record: FlowRecord, exporter: IpfixExporter, configured_id: int
 
 
 def sent_order(records, exporter, configured_id):
-    """Records in the order the exporter puts them on the wire: per template, chunk order."""
+    """Records in the order the exporter puts them on the wire: per template, IPv4 then IPv6."""
     order = []
     for ft in exporter.flow_templates:
         if ft.configured_id == configured_id:
-            order += [r for r in records if ft.family in (None, r.key.ip_version)]
+            for family in (4, 6):
+                order += [r for r in records if r.key.ip_version == family and ft.family in (None, family)]
     return order
 
 

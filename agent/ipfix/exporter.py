@@ -102,6 +102,12 @@ class CollectorSession:
     def queued_flows(self) -> int:
         return self._queued
 
+    def report_options(self) -> None:
+        """Send the options records (statistics, interface table) before the next batch."""
+        with self._cond:
+            self._options_due = True
+            self._cond.notify()
+
     def close(self, timeout: float) -> None:
         with self._cond:
             self._closing = True
@@ -209,6 +215,8 @@ class CollectorSession:
                 if not self._queue:
                     return
                 batch = self._queue[0]
+            if self._options_due:  # new interfaces: the table goes before the flows that use it
+                self._send_options()
             self._send_batch(batch)
             with self._cond:
                 self._queue.popleft()
@@ -279,9 +287,15 @@ class IpfixExporter:
         names = [e.name for ft in self.flow_templates for e in ft.template.elements]
         if route_resolver is None and fields.uses_routes(names):
             route_resolver = self._own_resolver = RouteResolver()
-        self._packers = [fields.compile_flow_packer(ft.template, observation_domain_id=observation_domain_id,
-                                                    exporting_process_id=self.exporting_process_id,
-                                                    system_init_ms=self.system_init_ms, route=route_resolver)
+
+        def packer(template, family):
+            return fields.compile_flow_packer(template, observation_domain_id=observation_domain_id,
+                                              exporting_process_id=self.exporting_process_id,
+                                              system_init_ms=self.system_init_ms, route=route_resolver,
+                                              family=family)
+
+        # one packer per template and address family, so no record tests its family field by field
+        self._packers = [{f: packer(ft.template, f) for f in ((4, 6) if ft.family is None else (ft.family,))}
                          for ft in self.flow_templates]
         self._fixed = [0 if ft.template.variable else ft.template.min_record_length for ft in self.flow_templates]
         self.chunk_size = chunk_size
@@ -301,22 +315,28 @@ class IpfixExporter:
                      ", ".join(e.name for e in ft.template.elements))
 
     def encode(self, records: Sequence[FlowRecord]) -> tuple:
-        """``(template id, [record bytes], fixed length or 0)`` groups for ``records``."""
-        by_family: dict[int, list[FlowRecord]] = {}
+        """``(template id, [record bytes], fixed length or 0)`` groups for ``records``.
+
+        Within a template's group, IPv4 records come before IPv6 records.
+        """
+        v4 = [r for r in records if r.key.ip_version == 4]
+        by_family = {4: v4, 6: [r for r in records if r.key.ip_version != 4] if len(v4) < len(records) else []}
         groups = []
-        for ft, pack, fixed in zip(self.flow_templates, self._packers, self._fixed):
-            if ft.family is None:
-                selected = records
-            else:
-                selected = by_family.get(ft.family)
-                if selected is None:
-                    selected = by_family[ft.family] = [r for r in records if r.key.ip_version == ft.family]
-            if selected:
-                groups.append((ft.template.id, pack(selected), fixed))
+        for ft, packers, fixed in zip(self.flow_templates, self._packers, self._fixed):
+            encoded = []
+            for family, pack in packers.items():  # IPv4 records first, then IPv6
+                if by_family[family]:
+                    encoded += pack(by_family[family])
+            if encoded:
+                groups.append((ft.template.id, encoded, fixed))
         return tuple(groups)
 
     def export(self, records: Sequence[FlowRecord], stats: MeteringStats) -> None:
+        interfaces_changed = stats.interfaces != self.stats.interfaces
         self.stats = stats
+        if interfaces_changed:
+            for session in self.sessions:
+                session.report_options()
         for start in range(0, len(records), self.chunk_size):
             chunk = records[start:start + self.chunk_size]
             batch = Batch(self.encode(chunk), len(chunk), sum(r.packets for r in chunk),

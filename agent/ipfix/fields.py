@@ -1,8 +1,8 @@
 """Which Information Elements kipfix fills, and how each comes from a FlowRecord.
 
 Every fillable element has a Python expression over ``r`` (the FlowRecord),
-``k`` (its key) and a few exporter constants (``odid``, ``epid``,
-``init_ms``, ``route``, ``ntp``); template.py compiles a template's
+``k`` (its key), the routes of its addresses (``RS``, ``RD``) and a few
+exporter constants (``odid``, ``epid``, ``init_ms``); template.py compiles a template's
 expressions into one packing function, so a batch is encoded without any
 per-field dispatch. Variable-length expressions produce bytes.
 
@@ -29,7 +29,30 @@ from .infomodel import InformationElement, default_model, lookup
 Z4 = bytes(4)
 Z16 = bytes(16)
 
-# name -> expression. Elements not listed here cannot be filled by kipfix.
+# dateTimeNanoseconds (NTP format) inline: a function call per field costs more than the arithmetic
+NTP = ("((((({t}) // 1000000000 + 2208988800) & 0xFFFFFFFF) << 32)"
+       " | ((({t}) % 1000000000 << 32) // 1000000000))")
+
+# Elements whose value depends on the record's address family: (IPv4 record, IPv6 record).
+# RS and RD are the (prefix length, next hop) routes of the source and destination.
+BY_FAMILY: dict[str, tuple[str, str]] = {
+    "sourceIPv4Address": ("k.src", "Z4"),
+    "destinationIPv4Address": ("k.dst", "Z4"),
+    "sourceIPv6Address": ("Z16", "k.src"),
+    "destinationIPv6Address": ("Z16", "k.dst"),
+    "sourceIPv4PrefixLength": ("RS[0]", "0"),
+    "destinationIPv4PrefixLength": ("RD[0]", "0"),
+    "sourceIPv6PrefixLength": ("0", "RS[0]"),
+    "destinationIPv6PrefixLength": ("0", "RD[0]"),
+    "ipNextHopIPv4Address": ("RD[1]", "Z4"),
+    "ipNextHopIPv6Address": ("Z16", "RD[1]"),
+}
+ROUTE_BINDINGS = {
+    "RS": "for RS in (rcache.get((r.netns, k.src)) or route(r.netns, k.src),)",
+    "RD": "for RD in (rcache.get((r.netns, k.dst)) or route(r.netns, k.dst),)",
+}
+
+# name -> expression. Elements not listed here or in BY_FAMILY cannot be filled by kipfix.
 EXPRESSIONS: dict[str, str] = {
     "flowStartMilliseconds": "r.start_ns // 1000000",
     "flowEndMilliseconds": "r.end_ns // 1000000",
@@ -37,8 +60,8 @@ EXPRESSIONS: dict[str, str] = {
     "flowEndSeconds": "r.end_ns // 1000000000",
     "flowStartMicroseconds": "ntp_us(r.start_ns)",
     "flowEndMicroseconds": "ntp_us(r.end_ns)",
-    "flowStartNanoseconds": "ntp(r.start_ns)",
-    "flowEndNanoseconds": "ntp(r.end_ns)",
+    "flowStartNanoseconds": NTP.format(t="r.start_ns"),
+    "flowEndNanoseconds": NTP.format(t="r.end_ns"),
     "flowStartSysUpTime": "(r.start_ns // 1000000 - init_ms) & 0xFFFFFFFF",
     "flowEndSysUpTime": "(r.end_ns // 1000000 - init_ms) & 0xFFFFFFFF",
     "systemInitTimeMilliseconds": "init_ms",
@@ -48,10 +71,6 @@ EXPRESSIONS: dict[str, str] = {
     "ingressInterface": "(0 if k.direction else k.ifindex)",
     "egressInterface": "(k.ifindex if k.direction else 0)",
     "flowDirection": "k.direction",
-    "sourceIPv4Address": "(k.src if k.ip_version == 4 else Z4)",
-    "destinationIPv4Address": "(k.dst if k.ip_version == 4 else Z4)",
-    "sourceIPv6Address": "(k.src if k.ip_version == 6 else Z16)",
-    "destinationIPv6Address": "(k.dst if k.ip_version == 6 else Z16)",
     "protocolIdentifier": "k.protocol",
     "sourceTransportPort": "(0 if k.protocol == 1 or k.protocol == 58 else k.sport)",
     "destinationTransportPort": "(0 if k.protocol == 1 or k.protocol == 58 else k.dport)",
@@ -68,20 +87,15 @@ EXPRESSIONS: dict[str, str] = {
     "flowEndReason": "r.end_reason",
     "forwardingStatus": "(64 if k.direction else 0)",
     "fragmentIdentification": "r.fragment_id",
-    "sourceIPv4PrefixLength": "(route(r.netns, k.src)[0] if k.ip_version == 4 else 0)",
-    "destinationIPv4PrefixLength": "(route(r.netns, k.dst)[0] if k.ip_version == 4 else 0)",
-    "sourceIPv6PrefixLength": "(route(r.netns, k.src)[0] if k.ip_version == 6 else 0)",
-    "destinationIPv6PrefixLength": "(route(r.netns, k.dst)[0] if k.ip_version == 6 else 0)",
-    "ipNextHopIPv4Address": "(route(r.netns, k.dst)[1] if k.ip_version == 4 else Z4)",
-    "ipNextHopIPv6Address": "(route(r.netns, k.dst)[1] if k.ip_version == 6 else Z16)",
     "interfaceName": "r.interface_name.encode()",
     "observationDomainId": "odid",
     "exportingProcessId": "epid",
     "networkNamespace": "r.netns.encode()",
 }
+EXPRESSIONS.update({name: f"({v4} if k.ip_version == 4 else {v6})" for name, (v4, v6) in BY_FAMILY.items()})
 _FILLABLE = {name.casefold(): name for name in EXPRESSIONS}
 
-ROUTE_ELEMENTS = frozenset(n for n, e in EXPRESSIONS.items() if "route(" in e)
+ROUTE_ELEMENTS = frozenset(n for n, (v4, v6) in BY_FAMILY.items() if "R" in v4 + v6)
 
 # IPv4 element -> IPv6 counterpart, for deriving the other family's template.
 V4_TO_V6 = {
@@ -170,19 +184,33 @@ def uses_routes(names: Sequence[str]) -> bool:
     return any(canonical_name(n) in ROUTE_ELEMENTS for n in names)
 
 
+def flow_expression(name: str, family: int | None) -> str:
+    """The expression filling ``name`` for records of ``family`` (None: either)."""
+    if family is not None and name in BY_FAMILY:
+        return BY_FAMILY[name][0 if family == 4 else 1]
+    return EXPRESSIONS[name]
+
+
 def compile_flow_packer(template, *, observation_domain_id: int, exporting_process_id: int,
-                        system_init_ms: int, route=None):
+                        system_init_ms: int, route=None, family: int | None = None):
     """``pack(records) -> [record bytes]`` for FlowRecords under ``template``.
 
-    ``route(netns, address) -> (prefix_length, next_hop_packed)`` is required
-    when the template uses prefix-length or next-hop elements.
+    ``family`` 4 or 6 compiles for records of that IP version only (no
+    per-record family tests). ``route(netns, address) -> (prefix_length,
+    next_hop_packed)`` is required when the template uses prefix-length or
+    next-hop elements; if it has a ``cache`` dict keyed (netns, address),
+    hits skip the call.
     """
-    from .template import compile_packer, ntp, ntp_us
+    from .template import compile_packer, ntp_us
 
-    names = [e.name for e in template.elements]
+    names = [canonical_name(e.name) for e in template.elements]
     if route is None and uses_routes(names):
         raise ValueError(f"template {template.id} needs routing lookups but no route resolver was given")
-    expressions = [EXPRESSIONS[canonical_name(n)] for n in names]
+    expressions = [flow_expression(n, family) for n in names]
+    bind = "for k in (r.key,)"
+    for symbol, clause in ROUTE_BINDINGS.items():
+        if any(f"{symbol}[" in e for e in expressions):
+            bind += " " + clause
     env = {"Z4": Z4, "Z16": Z16, "odid": observation_domain_id, "epid": exporting_process_id,
-           "init_ms": system_init_ms, "route": route, "ntp": ntp, "ntp_us": ntp_us}
-    return compile_packer(template, expressions, env, bind="for k in (r.key,)")
+           "init_ms": system_init_ms, "route": route, "rcache": getattr(route, "cache", {}), "ntp_us": ntp_us}
+    return compile_packer(template, expressions, env, bind=bind)

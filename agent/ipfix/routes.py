@@ -4,13 +4,16 @@
 destination takes (``ip route get``: honours policy routing), then finds that
 route's prefix length by longest-prefix match over the same table. Results
 are cached per (namespace, address); a netlink listener per namespace
-clears the cache on any route change.
+clears the cache on any route change. Netlink sockets for another namespace
+are opened from a thread that entered it (no helper processes).
 """
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import logging
+import os
 import socket
 import threading
 
@@ -24,42 +27,84 @@ NO_ROUTE4 = (0, bytes(4))
 NO_ROUTE6 = (0, bytes(16))
 
 
-def _open(netns: str):
-    from pyroute2 import IPRoute, NetNS
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
 
-    return NetNS(netns) if netns else IPRoute()
+
+def _in_netns(netns: str, factory):
+    """Call ``factory()`` in network namespace ``netns`` ("" = ours), and return its result.
+
+    Sockets keep the namespace they were made in, so a short-lived thread
+    enters the namespace (setns affects only the calling thread), creates
+    them and ends; the sockets then work from any thread, with no helper
+    process.
+    """
+    if not netns:
+        return factory()
+    path = netns if "/" in netns else os.path.join("/var/run/netns", netns)
+    result: dict = {}
+
+    def work() -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns {path}: {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            result["value"] = factory()
+        except BaseException as err:  # noqa: BLE001 - handed to the caller
+            result["error"] = err
+
+    thread = threading.Thread(target=work, name=f"netns {netns}")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def _route_monitor() -> socket.socket:
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    sock.bind((0, RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE))
+    sock.settimeout(0.25)  # how often the listener checks for close()
+    return sock
 
 
 class _Namespace:
-    def __init__(self, netns: str):
+    def __init__(self, netns: str, on_change=lambda: None):
+        from pyroute2 import IPRoute
+
         self.netns = netns
+        self.on_change = on_change
         self.lock = threading.Lock()
-        self.ipr = _open(netns)
+        self.ipr = _in_netns(netns, IPRoute)
+        self.monitor = _in_netns(netns, _route_monitor)
         self.cache: dict[bytes, tuple[int, bytes]] = {}
         self.tables: dict[tuple[int, int], list] = {}  # (family, table) -> [(network, prefixlen, gateway)]
         self.generation = 0
+        self.closed = False
         self.listener = threading.Thread(target=self._listen, name=f"routes-{netns or 'host'}", daemon=True)
         self.listener.start()
 
     def _listen(self) -> None:
-        try:
-            monitor = _open(self.netns)
-            monitor.bind(groups=RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE)
-        except Exception as err:  # noqa: BLE001 - without a monitor the cache just lives longer
-            log.warning("cannot watch route changes in %s: %s", self.netns or "host namespace", err)
-            return
-        try:
-            while True:
-                if monitor.get():
-                    self.invalidate()
-        except Exception:  # noqa: BLE001 - socket closed at exit
-            return
+        while not self.closed:
+            try:
+                data = self.monitor.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            if data:
+                self.invalidate()
 
     def invalidate(self) -> None:
         with self.lock:
             self.cache.clear()
             self.tables.clear()
             self.generation += 1
+            self.on_change()
 
     def _table(self, family: int, table: int) -> list:
         routes = self.tables.get((family, table))
@@ -105,10 +150,13 @@ class _Namespace:
         return (0, next_hop)
 
     def close(self) -> None:
-        try:
-            self.ipr.close()
-        except Exception:  # noqa: BLE001
-            pass
+        self.closed = True
+        self.listener.join(2)
+        for handle in (self.monitor, self.ipr):
+            try:
+                handle.close()
+            except Exception:  # noqa: BLE001 - already closed
+                pass
 
 
 class RouteResolver:
@@ -121,6 +169,8 @@ class RouteResolver:
     def __init__(self) -> None:
         self._namespaces: dict[str, _Namespace] = {}
         self._lock = threading.Lock()
+        # (netns, address) -> result, read directly by compiled packers; cleared on any route change
+        self.cache: dict[tuple[str, bytes], tuple[int, bytes]] = {}
 
     def _namespace(self, netns: str) -> _Namespace:
         ns = self._namespaces.get(netns)
@@ -128,7 +178,7 @@ class RouteResolver:
             with self._lock:
                 ns = self._namespaces.get(netns)
                 if ns is None:
-                    ns = self._namespaces[netns] = _Namespace(netns)
+                    ns = self._namespaces[netns] = _Namespace(netns, self.cache.clear)
         return ns
 
     def lookup(self, netns: str, address: bytes) -> tuple[int, bytes]:
@@ -137,11 +187,20 @@ class RouteResolver:
         except Exception as err:  # noqa: BLE001 - a vanished namespace must not stop export
             log.warning("cannot read routes of namespace %r: %s", netns, err)
             return NO_ROUTE4 if len(address) == 4 else NO_ROUTE6
-        return ns.lookup(address)
+        generation = ns.generation
+        found = ns.lookup(address)
+        with ns.lock:
+            if ns.generation == generation:  # no route change meanwhile
+                if len(self.cache) >= MAX_CACHE:
+                    self.cache.clear()
+                self.cache[(netns, address)] = found
+        return found
 
-    __call__ = lookup
+    def __call__(self, netns: str, address: bytes) -> tuple[int, bytes]:
+        return self.lookup(netns, address)
 
     def invalidate(self) -> None:
+        self.cache.clear()
         for ns in list(self._namespaces.values()):
             ns.invalidate()
 

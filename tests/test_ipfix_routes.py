@@ -1,0 +1,48 @@
+"""RouteResolver against routes the test configures in its own namespace."""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+import time
+
+from kipfix.agent.ipfix.routes import RouteResolver
+
+from test_ipfix_roundtrip import ROUTES, route_netns  # noqa: F401 - fixture
+
+
+def ip(text: str) -> bytes:
+    return ipaddress.ip_address(text).packed
+
+
+def answer(prefix: int, hop: str | None, family: int) -> tuple[int, bytes]:
+    return prefix, ipaddress.ip_address(hop or ("0.0.0.0" if family == 4 else "::")).packed
+
+
+def test_prefix_length_and_next_hop_by_name_and_path(route_netns):  # noqa: F811
+    resolver = RouteResolver()
+    try:
+        for netns in (route_netns, f"/var/run/netns/{route_netns}"):
+            for address, (prefix, hop) in ROUTES.items():
+                assert resolver(netns, address) == answer(prefix, hop, 4 if len(address) == 4 else 6)
+        # no route at all in that namespace: no default route was configured
+        assert resolver(route_netns, ip("192.0.2.1")) == (0, bytes(4))
+        assert resolver(route_netns, ip("2001:db8::1")) == (0, bytes(16))
+        # a namespace that does not exist gives "unknown", not an exception
+        assert resolver("kipfix-no-such-netns", ip("10.0.0.1")) == (0, bytes(4))
+    finally:
+        resolver.close()
+
+
+def test_route_change_refreshes_the_cache(route_netns):  # noqa: F811
+    resolver = RouteResolver()
+    try:
+        assert resolver(route_netns, ip("10.88.4.5")) == answer(16, "10.77.1.1", 4)
+        assert (route_netns, ip("10.88.4.5")) in resolver.cache
+        subprocess.run(["ip", "-n", route_netns, "route", "add", "10.88.4.0/24", "via", "10.77.1.9"], check=True)
+        deadline = time.monotonic() + 10
+        while resolver(route_netns, ip("10.88.4.5")) != answer(24, "10.77.1.9", 4) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the netlink notification clears the cache
+        assert resolver(route_netns, ip("10.88.4.5")) == answer(24, "10.77.1.9", 4)
+    finally:
+        resolver.close()
