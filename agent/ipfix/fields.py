@@ -1,8 +1,8 @@
 """Which Information Elements kipfix fills, and how each comes from a FlowRecord.
 
 Every fillable element has a Python expression over ``r`` (the FlowRecord),
-``k`` (its key), the routes of its addresses (``RS``, ``RD``) and a few
-exporter constants (``odid``, ``epid``, ``init_ms``); template.py compiles a template's
+``k`` (its key), values computed once per record (``BINDINGS``: times,
+routes) and a few exporter constants (``odid``, ``epid``, ``init_ms``); template.py compiles a template's
 expressions into one packing function, so a batch is encoded without any
 per-field dispatch. Variable-length expressions produce bytes.
 
@@ -22,6 +22,7 @@ Semantics worth knowing:
 
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 from .infomodel import InformationElement, default_model, lookup
@@ -29,9 +30,20 @@ from .infomodel import InformationElement, default_model, lookup
 Z4 = bytes(4)
 Z16 = bytes(16)
 
-# dateTimeNanoseconds (NTP format) inline: a function call per field costs more than the arithmetic
-NTP = ("((((({t}) // 1000000000 + 2208988800) & 0xFFFFFFFF) << 32)"
-       " | ((({t}) % 1000000000 << 32) // 1000000000))")
+# Values several elements share, computed once per record when a template uses them.
+BINDINGS = {
+    "SM": "for SM in (r.start_ns // 1000000,)",
+    "EM": "for EM in (r.end_ns // 1000000,)",
+    "SD": "for SD in (divmod(r.start_ns, 1000000000),)",  # (seconds, nanoseconds)
+    "ED": "for ED in (divmod(r.end_ns, 1000000000),)",
+    "RS": "for RS in (rcache.get((r.netns, k.src)) or route(r.netns, k.src),)",  # (prefix length, next hop)
+    "RD": "for RD in (rcache.get((r.netns, k.dst)) or route(r.netns, k.dst),)",
+}
+# dateTimeNanoseconds and dateTimeMicroseconds (NTP format, RFC 7011 6.1.9-10) from a (seconds,
+# nanoseconds) pair, inline: a function call per field costs more than the arithmetic.
+NTP = "(((({t}[0] + 2208988800) & 0xFFFFFFFF) << 32) | (({t}[1] << 32) // 1000000000))"
+NTP_US = ("(((({t}[0] + 2208988800) & 0xFFFFFFFF) << 32)"
+          " | ((({t}[1] - {t}[1] % 1000 << 32) // 1000000000) & 0xFFFFF800))")
 
 # Elements whose value depends on the record's address family: (IPv4 record, IPv6 record).
 # RS and RD are the (prefix length, next hop) routes of the source and destination.
@@ -47,23 +59,18 @@ BY_FAMILY: dict[str, tuple[str, str]] = {
     "ipNextHopIPv4Address": ("RD[1]", "Z4"),
     "ipNextHopIPv6Address": ("Z16", "RD[1]"),
 }
-ROUTE_BINDINGS = {
-    "RS": "for RS in (rcache.get((r.netns, k.src)) or route(r.netns, k.src),)",
-    "RD": "for RD in (rcache.get((r.netns, k.dst)) or route(r.netns, k.dst),)",
-}
-
 # name -> expression. Elements not listed here or in BY_FAMILY cannot be filled by kipfix.
 EXPRESSIONS: dict[str, str] = {
-    "flowStartMilliseconds": "r.start_ns // 1000000",
-    "flowEndMilliseconds": "r.end_ns // 1000000",
-    "flowStartSeconds": "r.start_ns // 1000000000",
-    "flowEndSeconds": "r.end_ns // 1000000000",
-    "flowStartMicroseconds": "ntp_us(r.start_ns)",
-    "flowEndMicroseconds": "ntp_us(r.end_ns)",
-    "flowStartNanoseconds": NTP.format(t="r.start_ns"),
-    "flowEndNanoseconds": NTP.format(t="r.end_ns"),
-    "flowStartSysUpTime": "(r.start_ns // 1000000 - init_ms) & 0xFFFFFFFF",
-    "flowEndSysUpTime": "(r.end_ns // 1000000 - init_ms) & 0xFFFFFFFF",
+    "flowStartMilliseconds": "SM",
+    "flowEndMilliseconds": "EM",
+    "flowStartSeconds": "SD[0]",
+    "flowEndSeconds": "ED[0]",
+    "flowStartMicroseconds": NTP_US.format(t="SD"),
+    "flowEndMicroseconds": NTP_US.format(t="ED"),
+    "flowStartNanoseconds": NTP.format(t="SD"),
+    "flowEndNanoseconds": NTP.format(t="ED"),
+    "flowStartSysUpTime": "(SM - init_ms) & 0xFFFFFFFF",
+    "flowEndSysUpTime": "(EM - init_ms) & 0xFFFFFFFF",
     "systemInitTimeMilliseconds": "init_ms",
     "octetDeltaCount": "r.octets",
     "packetDeltaCount": "r.packets",
@@ -95,7 +102,7 @@ EXPRESSIONS: dict[str, str] = {
 EXPRESSIONS.update({name: f"({v4} if k.ip_version == 4 else {v6})" for name, (v4, v6) in BY_FAMILY.items()})
 _FILLABLE = {name.casefold(): name for name in EXPRESSIONS}
 
-ROUTE_ELEMENTS = frozenset(n for n, (v4, v6) in BY_FAMILY.items() if "R" in v4 + v6)
+ROUTE_ELEMENTS = frozenset(n for n, (v4, v6) in BY_FAMILY.items() if "RS" in v4 + v6 or "RD" in v4 + v6)
 
 # IPv4 element -> IPv6 counterpart, for deriving the other family's template.
 V4_TO_V6 = {
@@ -201,16 +208,16 @@ def compile_flow_packer(template, *, observation_domain_id: int, exporting_proce
     next-hop elements; if it has a ``cache`` dict keyed (netns, address),
     hits skip the call.
     """
-    from .template import compile_packer, ntp_us
+    from .template import compile_packer
 
     names = [canonical_name(e.name) for e in template.elements]
     if route is None and uses_routes(names):
         raise ValueError(f"template {template.id} needs routing lookups but no route resolver was given")
     expressions = [flow_expression(n, family) for n in names]
     bind = "for k in (r.key,)"
-    for symbol, clause in ROUTE_BINDINGS.items():
-        if any(f"{symbol}[" in e for e in expressions):
+    for symbol, clause in BINDINGS.items():
+        if any(re.search(rf"\b{symbol}\b", e) for e in expressions):
             bind += " " + clause
     env = {"Z4": Z4, "Z16": Z16, "odid": observation_domain_id, "epid": exporting_process_id,
-           "init_ms": system_init_ms, "route": route, "rcache": getattr(route, "cache", {}), "ntp_us": ntp_us}
+           "init_ms": system_init_ms, "route": route, "rcache": getattr(route, "cache", {})}
     return compile_packer(template, expressions, env, bind=bind)
