@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
+from ..flow import FlowKey
 from .infomodel import InformationElement, default_model, lookup
 
 Z4 = bytes(4)
@@ -215,7 +216,13 @@ def compile_flow_packer(template, *, observation_domain_id: int, exporting_proce
         raise ValueError(f"template {template.id} needs routing lookups but no route resolver was given")
     expressions = [flow_expression(n, family) for n in names]
     bind = "for k in (r.key,)"
-    for symbol, clause in BINDINGS.items():
+    if issubclass(FlowKey, tuple):  # unpacking the key once is cheaper than an attribute load per field
+        expressions = [re.sub(r"\bk\.(\w+)", r"k_\1", e) for e in expressions]
+        bind += f" for ({', '.join('k_' + f for f in FlowKey._fields)}) in (k,)"
+        BINDINGS_FOR_TUPLE = {s: re.sub(r"\bk\.(\w+)", r"k_\1", c) for s, c in BINDINGS.items()}
+    else:
+        BINDINGS_FOR_TUPLE = BINDINGS
+    for symbol, clause in BINDINGS_FOR_TUPLE.items():
         if any(re.search(rf"\b{symbol}\b", e) for e in expressions):
             bind += " " + clause
     env = {"Z4": Z4, "Z16": Z16, "odid": observation_domain_id, "epid": exporting_process_id,
