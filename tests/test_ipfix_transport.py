@@ -162,3 +162,22 @@ def test_tls_server_name_is_checked(pki):
         collector.stop()
     assert collector.data_records == 0
     assert exporter.counters()[f"tls://127.0.0.1:{collector.port}"].not_sent_flows == 5
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_ipv6_loopback_collector(transport):
+    try:
+        collector = Collector("::1", 0, out=None, err=None).start()
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    exporter = IpfixExporter([CollectorConfig(f"[::1]:{collector.port}", "::1", collector.port, transport)],
+                             TEMPLATES, observation_domain_id=3)
+    try:
+        records = dummy_records(20)
+        exporter.export(records, MeteringStats())
+        assert collector.wait_for(lambda c: c.data_records >= 20, 10)
+    finally:
+        exporter.close(5)
+        collector.stop()
+    assert {item.peer[0] for item in collector.received} == {"::1"}
+    assert sorted(r.values["octetDeltaCount"] for r in collector.records()) == sorted(r.octets for r in records)

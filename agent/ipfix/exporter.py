@@ -337,6 +337,8 @@ class IpfixExporter:
         if interfaces_changed:
             for session in self.sessions:
                 session.report_options()
+        if not self.sessions:
+            return
         for start in range(0, len(records), self.chunk_size):
             chunk = records[start:start + self.chunk_size]
             batch = Batch(self.encode(chunk), len(chunk), sum(r.packets for r in chunk),
