@@ -98,9 +98,13 @@ class ExportSession:
                                              sequence=self.sequence, domain=self.domain_id, data=False)]
 
     def withdrawal_message(self, export_time: int) -> bytes:
-        """Withdraw all templates and options templates (RFC 7011 8.1); TCP only."""
-        groups = [(TEMPLATE_SET_ID, [bytes((0, TEMPLATE_SET_ID, 0, 0))]),
-                  (OPTIONS_TEMPLATE_SET_ID, [bytes((0, OPTIONS_TEMPLATE_SET_ID, 0, 0))])]
+        """Withdraw all (data) templates (RFC 7011 8.1), before closing a TCP session; never over UDP.
+
+        The options templates end with the session anyway; their 4-octet
+        withdrawal record (RFC 7011 8.1) is not sent because Wireshark's
+        dissector (4.0) takes it for a malformed options template.
+        """
+        groups = [(TEMPLATE_SET_ID, [bytes((0, TEMPLATE_SET_ID, 0, 0))])]
         (packed,) = pack_sets(groups, max_size=self.max_message_size, export_time=export_time,
                               sequence=self.sequence, domain=self.domain_id, data=False)
         return packed.message
