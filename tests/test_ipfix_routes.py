@@ -46,3 +46,15 @@ def test_route_change_refreshes_the_cache(route_netns):  # noqa: F811
         assert resolver(route_netns, ip("10.88.4.5")) == answer(24, "10.77.1.9", 4)
     finally:
         resolver.close()
+
+
+def test_missing_namespace_is_reported_once(caplog):
+    resolver = RouteResolver()
+    try:
+        with caplog.at_level("WARNING", logger="kipfix.agent.ipfix.routes"):
+            for _ in range(100):
+                assert resolver("kipfix-no-such-netns", ip("10.0.0.1")) == (0, bytes(4))
+                assert resolver("kipfix-no-such-netns", ip("fd00::1")) == (0, bytes(16))
+        assert len([r for r in caplog.records if "kipfix-no-such-netns" in r.getMessage()]) == 1
+    finally:
+        resolver.close()

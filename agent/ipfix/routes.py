@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import threading
+import time
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,7 @@ RTMGRP_IPV4_ROUTE = 0x40
 RTMGRP_IPV6_ROUTE = 0x400
 RTN_UNICAST = 1
 MAX_CACHE = 65536
+RETRY_SECONDS = 10  # how often to retry a namespace that could not be opened
 NO_ROUTE4 = (0, bytes(4))
 NO_ROUTE6 = (0, bytes(16))
 
@@ -171,6 +173,7 @@ class RouteResolver:
         self._lock = threading.Lock()
         # (netns, address) -> result, read directly by compiled packers; cleared on any route change
         self.cache: dict[tuple[str, bytes], tuple[int, bytes]] = {}
+        self._failed: dict[str, float] = {}  # namespaces that could not be opened -> when
 
     def _namespace(self, netns: str) -> _Namespace:
         ns = self._namespaces.get(netns)
@@ -182,11 +185,19 @@ class RouteResolver:
         return ns
 
     def lookup(self, netns: str, address: bytes) -> tuple[int, bytes]:
+        none = NO_ROUTE4 if len(address) == 4 else NO_ROUTE6
+        failed = self._failed.get(netns)
+        if failed is not None and time.monotonic() - failed < RETRY_SECONDS:
+            return none
         try:
             ns = self._namespace(netns)
         except Exception as err:  # noqa: BLE001 - a vanished namespace must not stop export
-            log.warning("cannot read routes of namespace %r: %s", netns, err)
-            return NO_ROUTE4 if len(address) == 4 else NO_ROUTE6
+            if failed is None:
+                log.warning("cannot read routes of namespace %r (%s): prefix lengths and next hops of its "
+                            "flows are 0 until it can; retrying every %d s", netns, err, RETRY_SECONDS)
+            self._failed[netns] = time.monotonic()
+            return none
+        self._failed.pop(netns, None)
         generation = ns.generation
         found = ns.lookup(address)
         with ns.lock:
