@@ -174,6 +174,15 @@ class CollectorSession:
                         if not self._closing:
                             self._cond.wait(backoff)
                     backoff = min(backoff * 2, self.reconnect_max)
+            except Exception:  # noqa: BLE001 - a bug must not silence this collector for good
+                log.exception("%s: cannot send the next batch; it is dropped and counted", self.name)
+                with self._cond:
+                    if self._queue:
+                        batch = self._queue.popleft()
+                        self._queued -= batch.flows
+                        self._count_dropped(batch)
+                    if not self._closing:
+                        self._cond.wait(backoff)
         if self.transport.alive() and not self._need_templates:
             try:
                 self._send_options()  # final statistics
