@@ -30,11 +30,25 @@ if ! command -v go >/dev/null 2>&1; then
     exit 1
 fi
 
+minor="${KUBERNETES_VERSION#v1.}"; minor="${minor%%.*}"
+k8s_ldflags="-s -w"
+for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    k8s_ldflags+=" -X ${pkg}.gitVersion=${KUBERNETES_VERSION}"
+    k8s_ldflags+=" -X ${pkg}.gitMajor=1 -X ${pkg}.gitMinor=${minor}"
+    k8s_ldflags+=" -X ${pkg}.gitTreeState=clean"
+done
+
+mkdir -p "${bin}"
+# One build at a time (install.sh and a manual run may overlap).
+exec 9>"${cache}/.lock"
+flock 9
+
 # Everything that decides what the binaries are.
 want="$( {
-    echo "kubernetes=${KUBERNETES_VERSION} helm=${HELM_VERSION}"
+    echo "kubernetes=${KUBERNETES_VERSION} helm=${HELM_VERSION} ldflags=${k8s_ldflags}"
+    echo "binaries=${binaries[*]} cgo=0"
     go env GOVERSION GOOS GOARCH
-    cat "${here}/tools/go.mod" "${here}/tools/go.sum" "${BASH_SOURCE[0]}"
+    cat "${here}/tools/go.mod" "${here}/tools/go.sum"
 } | sha256sum | cut -d' ' -f1)"
 
 all_present=1
@@ -46,20 +60,11 @@ if [[ ${force} == 0 && ${all_present} == 1 && -f "${stamp}" && "$(cat "${stamp}"
     exit 0
 fi
 
-mkdir -p "${bin}"
 rm -f "${stamp}"
 export GOTOOLCHAIN=local   # never fetch another toolchain
 export CGO_ENABLED=0       # static binaries, no C toolchain needed
 start=$(date +%s)
 step() { echo "build-tools: $* ($(( $(date +%s) - start )) s elapsed)"; }
-
-minor="${KUBERNETES_VERSION#v1.}"; minor="${minor%%.*}"
-k8s_ldflags="-s -w"
-for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-    k8s_ldflags+=" -X ${pkg}.gitVersion=${KUBERNETES_VERSION}"
-    k8s_ldflags+=" -X ${pkg}.gitMajor=1 -X ${pkg}.gitMinor=${minor}"
-    k8s_ldflags+=" -X ${pkg}.gitTreeState=clean"
-done
 
 tmp="$(mktemp -d "${cache}/build.XXXXXX")"
 trap 'rm -rf "${tmp}"' EXIT

@@ -61,6 +61,8 @@ def _free_port() -> int:
 
 def _die_with_parent() -> None:
     # If the test process is killed outright, take the component with it.
+    # (The signal follows the thread that started the process: start the
+    # control plane from a thread that lives as long as it should.)
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
