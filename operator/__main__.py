@@ -44,9 +44,13 @@ def ensure_peering(api, name: str) -> None:
     except ApiException as err:
         if err.status != 404:
             raise
-        custom.create_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings",
-                                            {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering",
-                                             "metadata": {"name": name}})
+        try:
+            custom.create_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings",
+                                                {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering",
+                                                 "metadata": {"name": name}})
+        except ApiException as err:
+            if err.status != 409:  # the other replica created it at the same moment
+                raise
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -19,12 +19,15 @@ objects never interleave their writes.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
 import threading
 import time
 from typing import Any
+
+from kubernetes.client.rest import ApiException
 
 from kipfix.agent.kube import (AGENT_REPORT_COMPONENT, COMPONENT_LABEL, CONFIG_KEY, HASH_ANNOTATION,
                                NAME_LABEL, NODE_ANNOTATION, NODE_CONFIG_COMPONENT, SOURCES_ANNOTATION,
@@ -84,6 +87,16 @@ def _same_configmap(existing: Any, desired: dict) -> bool:
     return (existing.data == desired["data"] and owners == want_owners
             and all(annotations.get(k) == v for k, v in desired["metadata"]["annotations"].items())
             and all(labels.get(k) == v for k, v in desired["metadata"]["labels"].items()))
+
+
+@contextlib.contextmanager
+def _gone_is_fine():
+    """Swallow 404 Not Found: the object went away between the list and the write."""
+    try:
+        yield
+    except ApiException as err:
+        if err.status != 404:
+            raise
 
 
 def _comparable(value: Any) -> Any:
@@ -168,8 +181,9 @@ class Reconciler:
         text = json.dumps(body.get("spec") or {}, sort_keys=True, separators=(",", ":"))
         if (body["metadata"].get("annotations") or {}).get(LAST_VALID_ANNOTATION) == text:
             return
-        self.custom.patch_cluster_custom_object(GROUP, VERSION, PLURAL, body["metadata"]["name"],
-                                                {"metadata": {"annotations": {LAST_VALID_ANNOTATION: text}}})
+        with _gone_is_fine():  # deleted meanwhile
+            self.custom.patch_cluster_custom_object(GROUP, VERSION, PLURAL, body["metadata"]["name"],
+                                                    {"metadata": {"annotations": {LAST_VALID_ANNOTATION: text}}})
 
     def _write_configmaps(self, plan: render.Plan) -> None:
         existing = {cm.metadata.name: cm for cm in self.core.list_namespaced_config_map(
@@ -183,22 +197,28 @@ class Reconciler:
                 log.info("node %s: created ConfigMap %s (config %s from %s)", node, name, config.hash,
                          ", ".join(o.name for o in config.owners))
             elif not _same_configmap(current, desired):
-                desired["metadata"]["resourceVersion"] = current.metadata.resource_version
-                self.core.replace_namespaced_config_map(name, self.namespace, desired)
+                try:
+                    self.core.replace_namespaced_config_map(
+                        name, self.namespace, {**desired, "metadata": {
+                            **desired["metadata"], "resourceVersion": current.metadata.resource_version}})
+                except ApiException as err:
+                    if err.status != 404:
+                        raise
+                    # the garbage collector removed it meanwhile (its owners were deleted): create it anew
+                    self.core.create_namespaced_config_map(self.namespace, desired)
                 log.info("node %s: updated ConfigMap %s (config %s from %s)", node, name, config.hash,
                          ", ".join(o.name for o in config.owners))
             else:
                 continue
             self.writes += 1
         for name, current in existing.items():
-            self.core.delete_namespaced_config_map(name, self.namespace)
+            with _gone_is_fine():  # the garbage collector may have been first
+                self.core.delete_namespaced_config_map(name, self.namespace)
             self.writes += 1
             log.info("node %s: no FlowExporter selects it any more; deleted ConfigMap %s",
                      (current.metadata.annotations or {}).get(NODE_ANNOTATION, "?"), name)
 
     def _write_statuses(self, bodies: list[dict], outcomes: Outcome, hashes: dict[str, str]) -> None:
-        from kubernetes.client.rest import ApiException
-
         reports = self._reports()
         now = dt.datetime.now(dt.timezone.utc)
         for body in bodies:
@@ -207,9 +227,6 @@ class Reconciler:
             new = status.exporter_status(outcomes[name], hashes, reports, old.get("conditions"), now)
             if all(_comparable(old.get(k)) == _comparable(v) for k, v in new.items()):
                 continue
-            try:
+            with _gone_is_fine():  # deleted meanwhile: nothing to report
                 self.custom.patch_cluster_custom_object_status(GROUP, VERSION, PLURAL, name, {"status": new})
                 self.writes += 1
-            except ApiException as err:
-                if err.status != 404:  # deleted meanwhile: nothing to report
-                    raise

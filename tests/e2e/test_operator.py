@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -453,6 +454,7 @@ def test_real_agent_in_kubernetes_mode_attaches_reports_and_detaches(env, cluste
 
 def test_two_peered_operators_one_pauses(env, cluster, tmp_path):
     """kopf peering with random priorities: of two replicas exactly one handles events."""
+    cluster.nodes.add("op-peering", {TEST_LABEL: "peering"})
     procs, logs = [], []
     for i in range(2):
         path = tmp_path / f"operator-{i}.log"
@@ -463,13 +465,28 @@ def test_two_peered_operators_one_pauses(env, cluster, tmp_path):
                  "--liveness", f"http://127.0.0.1:{_free_port()}/healthz"],
                 env={**os.environ, "KUBECONFIG": str(env.operator_kubeconfig)}, stdout=log,
                 stderr=subprocess.STDOUT))
+
+    def priority(path):
+        match = re.search(r"\(priority (\d+)\)", path.read_text())
+        return int(match.group(1)) if match else None
+
+    def low_paused():
+        text = logs[low].read_text()
+        return "Pausing operations in favour of" in text or "Resuming operations" not in text
+
     try:
-        paused = wait_for(lambda: [i for i, p in enumerate(logs) if "Pausing operations in favour of"
-                                   in p.read_text()], "one replica pausing in favour of the other", timeout=60)
-        assert len(paused) == 1, [p.read_text() for p in logs]
+        try:
+            wait_for(lambda: len((env.custom.get_cluster_custom_object(
+                "kopf.dev", "v1", "clusterkopfpeerings", "kipfix-e2e").get("status") or {})) == 2,
+                "both replicas in the peering object", timeout=60)
+            wait_for(lambda: all(priority(p) for p in logs), "both replicas' priorities in their logs")
+            low = min(range(2), key=lambda i: priority(logs[i]))
+            wait_for(low_paused, "the lower-priority replica paused")
+            wait_for(lambda: "Resuming operations" in logs[1 - low].read_text(), "the other replica active")
+        except AssertionError as err:
+            raise AssertionError(f"{err}\n" + "\n".join(p.read_text()[-3000:] for p in logs)) from None
+        assert "Pausing operations" not in logs[1 - low].read_text()
         assert all(p.poll() is None for p in procs)
-        peering = env.custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", "kipfix-e2e")
-        assert len(peering.get("status") or {}) == 2
     finally:
         for p in procs:
             p.terminate()
@@ -478,6 +495,7 @@ def test_two_peered_operators_one_pauses(env, cluster, tmp_path):
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 p.kill()
+        cluster.nodes.remove("op-peering")
 
 
 def test_agent_reads_tls_files_from_the_secret(env, cluster):
