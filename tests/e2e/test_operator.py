@@ -268,8 +268,10 @@ def test_render_relabel_conflict_invalid_and_delete(env):
 
     # idempotent: nothing is rewritten while nothing changes
     versions = {n: c.metadata.resource_version for n, c in env.configmaps().items()}
-    time.sleep(6)  # one status refresh period of the operator; nothing may change in it
+    fe_version = env.get("e2e-edge")["metadata"]["resourceVersion"]
+    time.sleep(6)  # longer than the operator's status refresh period; nothing may change in it
     assert {n: c.metadata.resource_version for n, c in env.configmaps().items()} == versions
+    assert env.get("e2e-edge")["metadata"]["resourceVersion"] == fe_version  # no status rewrite either
 
     # relabel: c joins, a leaves
     nodes.label("op-c", {TEST_LABEL: "edge"})
