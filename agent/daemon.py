@@ -24,6 +24,7 @@ from typing import Sequence
 from .config import AgentConfig, ConfigError, load_config
 from .flow import EndReason, FlowRecord
 from .flowcache import FlowCache
+from .gcpause import gc_paused
 from .meter import Meter
 from .netnsids import NetnsIds, default_path
 from .sink import FlowSink, MeteringStats
@@ -127,10 +128,11 @@ class Agent:
         for _netns_id, _key, counters in flows:
             self.observed_packets += counters.packets
             self.observed_octets += counters.octets
-        records = self.cache.ingest(flows)
-        records += self.cache.expire()  # even at shutdown, a flow that ended says how it ended
-        if final:
-            records += self.cache.flush(EndReason.FORCED_END)
+        with gc_paused():  # one record per flow, all alive until exported: nothing for the GC to find
+            records = self.cache.ingest(flows)
+            records += self.cache.expire()  # even at shutdown, a flow that ended says how it ended
+            if final:
+                records += self.cache.flush(EndReason.FORCED_END)
         unmetered = self.meter.tables.unmetered()
         if unmetered != self._unmetered:
             log.warning("flow table full (maxFlows %d): %d packets / %d octets not metered since the last "

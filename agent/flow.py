@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 INGRESS = 0
@@ -128,7 +128,6 @@ class FlowRecord:
     fragment_id: int = 0
     interface_name: str = ""
     netns: str = ""
-    extra: dict = field(default_factory=dict)
 
     @property
     def start_ms(self) -> int:

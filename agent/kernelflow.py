@@ -6,10 +6,10 @@ these sizes before re-using them.
 
 from __future__ import annotations
 
-import gc
 import struct
 
 from .flow import FlowCounters, FlowKey
+from .gcpause import gc_paused
 
 # struct flow_key: ifindex, netns_id, direction, ip_version, src, dst, sport, dport, protocol, pad
 KEY = struct.Struct("=IHBB16s16sHHB3x")
@@ -44,15 +44,8 @@ def decode_table(keys, values, count: int, cpus: int) -> list[tuple[int, FlowKey
     The hot loop of every drain: one pass of iter_unpack over each buffer, and
     a shortcut for the common case of a flow seen by one CPU only.
     """
-    # A drain makes millions of small objects that all live on: the cyclic
-    # garbage collector would walk them again and again for nothing.
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with gc_paused():
         return _decode(keys, values, count, cpus)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
 
 
 def _decode(keys, values, count: int, cpus: int) -> list[tuple[int, FlowKey, FlowCounters]]:
