@@ -58,3 +58,31 @@ def test_missing_namespace_is_reported_once(caplog):
         assert len([r for r in caplog.records if "kipfix-no-such-netns" in r.getMessage()]) == 1
     finally:
         resolver.close()
+
+
+def test_policy_rules_are_honoured_per_address(route_netns):  # noqa: F811
+    """With a rule sending 10.88.0.0/16 to table 100, its route there wins over the main table's."""
+    subprocess.run(["ip", "-n", route_netns, "route", "add", "10.88.0.0/20", "via", "10.77.1.7", "table", "100"],
+                   check=True)
+    subprocess.run(["ip", "-n", route_netns, "rule", "add", "to", "10.88.0.0/16", "table", "100"], check=True)
+    resolver = RouteResolver()
+    try:
+        assert resolver(route_netns, ip("10.88.4.5")) == answer(20, "10.77.1.7", 4)
+        # addresses the rule does not match still fall through to the main table
+        for address, (prefix, hop) in ROUTES.items():
+            if len(address) == 4 and not address.startswith(bytes([10, 88])):
+                assert resolver(route_netns, address) == answer(prefix, hop, 4)
+    finally:
+        resolver.close()
+
+
+def test_host_namespace_by_its_label(caplog):
+    """The agent labels host-netns flows "host"; that is the resolver's own namespace, not /var/run/netns/host."""
+    resolver = RouteResolver()
+    try:
+        with caplog.at_level("WARNING", logger="kipfix.agent.ipfix.routes"):
+            for address in (ip("127.0.0.1"), ip("192.0.2.1"), ip("::1")):
+                assert resolver("host", address) == resolver("", address)
+        assert caplog.records == []
+    finally:
+        resolver.close()

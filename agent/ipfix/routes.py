@@ -1,11 +1,15 @@
 """Prefix lengths and next hops from the kernel routing table, per namespace.
 
-``RouteResolver.lookup(netns, address)`` asks the kernel which route a
-destination takes (``ip route get``: honours policy routing), then finds that
-route's prefix length by longest-prefix match over the same table. Results
-are cached per (namespace, address); a netlink listener per namespace
-clears the cache on any route change. Netlink sockets for another namespace
-are opened from a thread that entered it (no helper processes).
+``RouteResolver.lookup(netns, address)`` finds the route an address takes:
+its prefix length and next hop. Without policy routing (only the local,
+main and default rules) that is a longest-prefix match over the main
+table, done in Python over an index built once per namespace and family --
+a drain can hold a million distinct addresses, and a netlink round trip
+each took minutes. With policy rules, the kernel is asked per address
+(``ip route get``) and the prefix length looked up in the table it names.
+A netlink listener per namespace drops indexes and caches on any route or
+rule change. Netlink sockets for another namespace are opened from a thread
+that entered it (no helper processes).
 """
 
 from __future__ import annotations
@@ -18,11 +22,17 @@ import socket
 import threading
 import time
 
+from ..netns import NetnsRef
+
 log = logging.getLogger(__name__)
 
 RTMGRP_IPV4_ROUTE = 0x40
+RTMGRP_IPV4_RULE = 0x80
 RTMGRP_IPV6_ROUTE = 0x400
+RTMGRP_IPV6_RULE = 0x80000
 RTN_UNICAST = 1
+RTM_F_LOOKUP_TABLE = 0x1000
+MAIN_TABLES = {253, 254, 255}  # default, main, local: the rules every namespace starts with
 MAX_CACHE = 65536
 RETRY_SECONDS = 10  # how often to retry a namespace that could not be opened
 NO_ROUTE4 = (0, bytes(4))
@@ -41,9 +51,10 @@ def _in_netns(netns: str, factory):
     them and ends; the sockets then work from any thread, with no helper
     process.
     """
-    if not netns:
+    ref = NetnsRef.parse(netns)
+    if ref.is_host:
         return factory()
-    path = netns if "/" in netns else os.path.join("/var/run/netns", netns)
+    path = ref.path
     result: dict = {}
 
     def work() -> None:
@@ -69,9 +80,39 @@ def _in_netns(netns: str, factory):
 
 def _route_monitor() -> socket.socket:
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-    sock.bind((0, RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE))
+    sock.bind((0, RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE | RTMGRP_IPV4_RULE | RTMGRP_IPV6_RULE))
     sock.settimeout(0.25)  # how often the listener checks for close()
     return sock
+
+
+class _PrefixIndex:
+    """Longest-prefix match over one routing table: one dict per prefix length."""
+
+    def __init__(self, width: int, routes: list[tuple[int, int, bytes, int]]):
+        self.width = width
+        self.by_length: dict[int, dict[int, tuple[int, bytes]]] = {}
+        # (network, prefix length, next hop, metric); the lowest metric wins a tie
+        for network, length, next_hop, _metric in sorted(routes, key=lambda r: r[3]):
+            self.by_length.setdefault(length, {}).setdefault(network >> (width - length), (length, next_hop))
+        self.lengths = sorted(self.by_length, reverse=True)
+
+    def match(self, address: bytes) -> tuple[int, bytes] | None:
+        value = int.from_bytes(address, "big")
+        for length in self.lengths:
+            found = self.by_length[length].get(value >> (self.width - length))
+            if found is not None:
+                return found
+        return None
+
+
+def _next_hop(msg, width: int) -> bytes:
+    gateway = msg.get_attr("RTA_GATEWAY")
+    if gateway is None:
+        for hop in msg.get_attr("RTA_MULTIPATH") or ():  # ECMP: the first hop stands for the route
+            gateway = hop.get_attr("RTA_GATEWAY")
+            if gateway:
+                break
+    return ipaddress.ip_address(gateway).packed if gateway else bytes(width // 8)
 
 
 class _Namespace:
@@ -85,6 +126,7 @@ class _Namespace:
         self.monitor = _in_netns(netns, _route_monitor)
         self.cache: dict[bytes, tuple[int, bytes]] = {}
         self.tables: dict[tuple[int, int], list] = {}  # (family, table) -> [(network, prefixlen, gateway)]
+        self.indexes: dict[int, _PrefixIndex | None] = {}  # family -> index; None: policy routing in use
         self.generation = 0
         self.closed = False
         self.listener = threading.Thread(target=self._listen, name=f"routes-{netns or 'host'}", daemon=True)
@@ -105,8 +147,26 @@ class _Namespace:
         with self.lock:
             self.cache.clear()
             self.tables.clear()
+            self.indexes.clear()
             self.generation += 1
             self.on_change()
+
+    def _index(self, family: int) -> _PrefixIndex | None:
+        if family in self.indexes:
+            return self.indexes[family]
+        index = None
+        if all(rule.get_attr("FRA_TABLE", rule["table"]) in MAIN_TABLES for rule in self.ipr.get_rules(family=family)):
+            width = 32 if family == socket.AF_INET else 128
+            routes = []
+            for msg in self.ipr.get_routes(family=family, table=254):
+                if msg["type"] != RTN_UNICAST:
+                    continue
+                dst = msg.get_attr("RTA_DST")
+                network = int.from_bytes(ipaddress.ip_address(dst).packed, "big") if dst else 0
+                routes.append((network, msg["dst_len"], _next_hop(msg, width), msg.get_attr("RTA_PRIORITY") or 0))
+            index = _PrefixIndex(width, routes)
+        self.indexes[family] = index
+        return index
 
     def _table(self, family: int, table: int) -> list:
         routes = self.tables.get((family, table))
@@ -136,11 +196,18 @@ class _Namespace:
         return found
 
     def _resolve(self, address: bytes) -> tuple[int, bytes]:
+        family = socket.AF_INET if len(address) == 4 else socket.AF_INET6
+        none = NO_ROUTE4 if family == socket.AF_INET else NO_ROUTE6
+        index = self._index(family)
+        if index is not None:
+            return index.match(address) or none
+        return self._resolve_with_policy(address, family, none)
+
+    def _resolve_with_policy(self, address: bytes, family: int, none: tuple[int, bytes]) -> tuple[int, bytes]:
         ip = ipaddress.ip_address(address)
-        family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
-        none = NO_ROUTE4 if ip.version == 4 else NO_ROUTE6
         try:
-            (answer,) = self.ipr.route("get", dst=str(ip))[:1]
+            # RTM_F_LOOKUP_TABLE: report the table the lookup used (as `ip route get` does), not main
+            (answer,) = self.ipr.route("get", dst=str(ip), flags=RTM_F_LOOKUP_TABLE)[:1]
         except Exception:  # noqa: BLE001 - unreachable: no route
             return none
         table = answer.get_attr("RTA_TABLE") or answer["table"]
