@@ -60,10 +60,10 @@ def build_sink(config: AgentConfig) -> FanoutSink:
         sinks.append(JsonLinesSink(config.json_lines))
     if config.collectors:
         from .ipfix.exporter import IpfixExporter
-        from .metrics import metered_transports
-        with metered_transports():  # per-collector send errors, templates, last send for the metrics
-            sinks.append(IpfixExporter(config.collectors, config.templates, config.observation_domain_id,
-                                       enterprise_number=config.enterprise_number))
+        from .metrics import metered_transport
+        # metered: per-collector send errors, templates sent and last send time for the metrics
+        sinks.append(IpfixExporter(config.collectors, config.templates, config.observation_domain_id,
+                                   enterprise_number=config.enterprise_number, transport_factory=metered_transport))
     if not sinks:
         log.warning("no collectors and no jsonLines output configured: flows are metered but not exported")
     return FanoutSink(sinks)

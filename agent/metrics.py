@@ -17,13 +17,12 @@ memory forever.
 
 Per-collector send errors, templates sent and the last successful send are
 counted by ``MeteredTransport``, which wraps each collector's transport when
-the daemon builds its exporter (``metered_transports()``).
+the daemon builds its exporter (``transport_factory=metered_transport``).
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import errno
 import logging
 import ssl
@@ -155,22 +154,12 @@ class MeteredTransport:
         return getattr(self.inner, name)
 
 
-@contextlib.contextmanager
-def metered_transports() -> Iterator[None]:
-    """While inside, every IpfixExporter built gets MeteredTransports.
+def metered_transport(config) -> "MeteredTransport":
+    """Transport factory for IpfixExporter(transport_factory=...): the exporter's
+    own transport, counted for the metrics from the first connect on."""
+    from .ipfix.transport import make_transport
 
-    The exporter starts each collector's sender thread (which connects and
-    sends templates at once) in its constructor, so wrapping afterwards would
-    miss the first connect and templates; this swaps the exporter's transport
-    factory for the construction only. Use from one thread (the daemon's)."""
-    from .ipfix import exporter
-
-    original = exporter.make_transport
-    exporter.make_transport = lambda config: MeteredTransport(original(config))
-    try:
-        yield
-    finally:
-        exporter.make_transport = original
+    return MeteredTransport(make_transport(config))
 
 
 # ---- scrape-time collector ------------------------------------------------------

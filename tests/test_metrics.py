@@ -22,15 +22,13 @@ from kipfix.agent.config import CollectorConfig, ConfigError, TemplateConfig, pa
 from kipfix.agent.daemon import FanoutSink, build_sink
 from kipfix.agent.flow import EGRESS, INGRESS, PROTO_UDP, EndReason, FlowCounters, FlowKey
 from kipfix.agent.flowcache import FlowCache
-from kipfix.agent.ipfix import exporter as exporter_module
-from kipfix.agent.ipfix import transport as transport_module
 from kipfix.agent.ipfix.collector import Collector
 from kipfix.agent.ipfix.dummy import MINIMAL_TEMPLATE, dummy_records
 from kipfix.agent.ipfix.exporter import IpfixExporter
 from kipfix.agent.ipfix.session import ExportSession
 from kipfix.agent.ipfix.transport import TransportError
 from kipfix.agent.metrics import (AgentMetrics, MeteredTransport, ObservedTraffic, error_reason,
-                                  metered_transports, serve_metrics, start_agent_metrics, template_records)
+                                  metered_transport, serve_metrics, start_agent_metrics, template_records)
 from kipfix.agent.sink import MeteringStats
 
 P = "kipfix_agent_"
@@ -200,10 +198,9 @@ def test_per_collector_export_counters_match_what_the_collectors_received(regist
     refused = free_tcp_port()
     tcp_name, udp_name = f"tcp://127.0.0.1:{refused}", f"udp://127.0.0.1:{udp.port}"
     started = time.time()
-    with metered_transports():
-        exporter = IpfixExporter([collector_config(udp.port, "udp"), collector_config(refused, "tcp")],
-                                 (TemplateConfig(256, MINIMAL_TEMPLATE),), 3, reconnect_initial=0.05,
-                                 reconnect_max=0.1)
+    exporter = IpfixExporter([collector_config(udp.port, "udp"), collector_config(refused, "tcp")],
+                             (TemplateConfig(256, MINIMAL_TEMPLATE),), 3, reconnect_initial=0.05,
+                             reconnect_max=0.1, transport_factory=metered_transport)
     listener = None
     try:
         AgentMetrics(registry, make_agent(sink=FanoutSink([exporter])))
@@ -247,9 +244,9 @@ def test_per_collector_export_counters_match_what_the_collectors_received(regist
 def test_flows_dropped_at_a_full_collector_queue(registry):
     refused = free_tcp_port()
     name = f"tcp://127.0.0.1:{refused}"
-    with metered_transports():
-        exporter = IpfixExporter([collector_config(refused, "tcp", queue_size=10)],
-                                 (TemplateConfig(256, MINIMAL_TEMPLATE),), 3, chunk_size=10)
+    exporter = IpfixExporter([collector_config(refused, "tcp", queue_size=10)],
+                             (TemplateConfig(256, MINIMAL_TEMPLATE),), 3, chunk_size=10,
+                             transport_factory=metered_transport)
     try:
         AgentMetrics(registry, make_agent(sink=FanoutSink([exporter])))
         for seed in range(5):
@@ -471,4 +468,3 @@ def test_the_daemon_builds_exporters_with_metered_transports():
     finally:
         for s in sink.sinks:
             s.close(0)
-    assert exporter_module.make_transport is transport_module.make_transport  # put back after construction

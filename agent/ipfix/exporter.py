@@ -60,10 +60,11 @@ class CollectorSession:
 
     def __init__(self, config, templates: Sequence[Template], options: OptionsReporter,
                  stats: Callable[[], MeteringStats], domain_id: int,
-                 reconnect_initial: float = 0.5, reconnect_max: float = 30.0):
+                 reconnect_initial: float = 0.5, reconnect_max: float = 30.0,
+                 transport_factory: Callable = make_transport):
         self.config = config
         self.name = f"{config.transport}://{config.address}"
-        self.transport = make_transport(config)  # ValueError for unusable TLS files
+        self.transport = transport_factory(config)  # ValueError for unusable TLS files
         self.session = ExportSession(domain_id, config.max_message_size, templates)
         self.options = options
         self.stats = stats
@@ -277,7 +278,8 @@ class IpfixExporter:
     def __init__(self, collectors: Sequence, templates: Sequence, observation_domain_id: int,
                  enterprise_number: int = 32473, *, exporting_process_id: int | None = None,
                  route_resolver: Callable | None = None, chunk_size: int = DEFAULT_CHUNK,
-                 reconnect_initial: float = 0.5, reconnect_max: float = 30.0):
+                 reconnect_initial: float = 0.5, reconnect_max: float = 30.0,
+                 transport_factory: Callable = make_transport):
         self.observation_domain_id = observation_domain_id
         self.exporting_process_id = (os.getpid() if exporting_process_id is None else exporting_process_id)
         self.system_init_ms = system_init_ms()
@@ -314,7 +316,8 @@ class IpfixExporter:
         try:
             for collector in collectors:
                 self.sessions.append(CollectorSession(collector, all_templates, self.options, lambda: self.stats,
-                                                      observation_domain_id, reconnect_initial, reconnect_max))
+                                                      observation_domain_id, reconnect_initial, reconnect_max,
+                                                      transport_factory))
         except Exception:
             self.close(0)
             raise
