@@ -47,9 +47,12 @@ bash "$repo/scripts/kernel-headers.sh"
 venv="$repo/.venv"
 if [ ! -x "$venv/bin/python" ]; then
   log "creating venv $venv (system site packages, for Debian's BCC module)"
-  /usr/bin/python3 -m venv --system-site-packages "$venv"
+  # -I: the repository root must not be on sys.path (its operator/ folder is kipfix.operator).
+  /usr/bin/python3 -I -m venv --system-site-packages "$venv"
 fi
-stamp="$venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+# Re-install when the packaging or the package layout changes (the editable finder maps folders).
+layout=$( { cat pyproject.toml; find agent bpf operator -name '__init__.py' | sort; } | sha256sum | cut -c1-16)
+stamp="$venv/.installed-$layout"
 if [ ! -f "$stamp" ]; then
   log "installing kipfix and its Python dependencies into the venv"
   "$venv/bin/pip" install -q --upgrade pip setuptools wheel
