@@ -5,7 +5,9 @@ here if missing; CRD in crds/kopf-peering.yaml) with a random priority per
 process, so exactly one replica handles events and the other stands by and
 takes over when the first stops renewing. ``--standalone`` turns peering off
 (one replica only). The liveness endpoint (also fit for readiness) is
-``--liveness`` (default http://0.0.0.0:8080/healthz).
+``--liveness`` (default http://0.0.0.0:8080/healthz). Prometheus metrics
+(kipfix_operator_*, see metrics.py) are served on ``--metrics-address`` and
+``--metrics-port`` (default 0.0.0.0:9470; port 0 turns them off).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import sys
 from kipfix.agent.kube import default_namespace
 
 PEERING_NAME = "kipfix"
+METRICS_PORT = 9470
 
 log = logging.getLogger("kipfix.operator")
 
@@ -52,6 +55,16 @@ def ensure_peering(api, name: str) -> None:
                 raise
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port; accepted: 0 (off) to 65535")
+    return port
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--namespace", default=None,
                         help="namespace of the node ConfigMaps and agent Leases (default: POD_NAMESPACE, "
@@ -60,6 +73,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="liveness/readiness endpoint URL (kopf)")
     parser.add_argument("--standalone", action="store_true", help="no peering (run a single replica only)")
     parser.add_argument("--peering", default=PEERING_NAME, help="ClusterKopfPeering object name")
+    parser.add_argument("--metrics-port", type=_port, default=METRICS_PORT,
+                        help=f"port of the Prometheus metrics endpoint /metrics (default {METRICS_PORT}; "
+                             "0 disables it)")
+    parser.add_argument("--metrics-address", default="0.0.0.0",
+                        help="address the metrics endpoint listens on (default 0.0.0.0)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +100,11 @@ def run(args: argparse.Namespace) -> int:
     from . import handlers
     from .reconcile import LAST_VALID_ANNOTATION, Reconciler
 
-    handlers.configure(Reconciler(namespace, api))
+    reconciler = Reconciler(namespace, api)
+    handlers.configure(reconciler)
+    if args.metrics_port:
+        from .metrics import start_operator_metrics
+        start_operator_metrics(reconciler, args.metrics_address, args.metrics_port)
     if not args.standalone:
         ensure_peering(api, args.peering)
     priority = random.randint(1, 2**15)

@@ -50,11 +50,21 @@ def _reconcile(reason: str, since: float | None = None):
     try:
         return reconciler.reconcile(reason, since=since)
     except ApiException as err:
+        _count_error(reconciler, "temporary")
         raise kopf.TemporaryError(f"API error while reconciling ({reason}): {err.status} {err.reason}",
                                   delay=RETRY_DELAY) from None
     except HTTPError as err:
+        _count_error(reconciler, "temporary")
         raise kopf.TemporaryError(f"API unreachable while reconciling ({reason}): {err}",
                                   delay=RETRY_DELAY) from None
+    except Exception:
+        _count_error(reconciler, "temporary")  # kopf retries any error but PermanentError
+        raise
+
+
+def _count_error(reconciler: Reconciler, kind: str) -> None:
+    if reconciler.metrics is not None:
+        reconciler.metrics.error(kind)
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
@@ -64,6 +74,7 @@ def flowexporter_changed(name: str, reason: str, **_: Any) -> None:
     outcomes = _reconcile(f"FlowExporter {name} {reason}")
     outcome = outcomes.get(name)
     if outcome is not None and outcome.invalid:
+        _count_error(_state["reconciler"], "permanent")
         raise kopf.PermanentError(f"invalid spec: {outcome.invalid}")
 
 

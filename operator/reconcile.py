@@ -116,6 +116,8 @@ class Reconciler:
         self.writes = 0  # ConfigMap and status writes, for tests and logs
         self.last_started = float("-inf")
         self.last_outcome: Outcome | None = None
+        self.last_statuses: dict[str, dict] | None = None  # name -> status computed by the last reconciliation
+        self.metrics: Any = None  # metrics.OperatorMetrics when metrics are served
 
     # -- reads ------------------------------------------------------------------------
 
@@ -145,7 +147,11 @@ class Reconciler:
                 return self.last_outcome
             self.last_started = time.monotonic()
             self.last_outcome = None
-            self.last_outcome = self._reconcile(reason)
+            try:
+                self.last_outcome = self._reconcile(reason)
+            finally:
+                if self.metrics is not None:
+                    self.metrics.reconciled(time.monotonic() - self.last_started)
             return self.last_outcome
 
     def _reconcile(self, reason: str) -> Outcome:
@@ -221,12 +227,15 @@ class Reconciler:
     def _write_statuses(self, bodies: list[dict], outcomes: Outcome, hashes: dict[str, str]) -> None:
         reports = self._reports()
         now = dt.datetime.now(dt.timezone.utc)
+        computed = {}
         for body in bodies:
             name = body["metadata"]["name"]
             old = body.get("status") or {}
             new = status.exporter_status(outcomes[name], hashes, reports, old.get("conditions"), now)
+            computed[name] = new
             if all(_comparable(old.get(k)) == _comparable(v) for k, v in new.items()):
                 continue
             with _gone_is_fine():  # deleted meanwhile: nothing to report
                 self.custom.patch_cluster_custom_object_status(GROUP, VERSION, PLURAL, name, {"status": new})
                 self.writes += 1
+        self.last_statuses = computed  # read by the metrics at scrape time

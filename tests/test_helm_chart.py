@@ -302,20 +302,29 @@ def test_metrics_services_and_scrape_annotations(default_docs):
     selector = service["spec"]["selector"]
     labels = one(default_docs, "DaemonSet", "agent")["spec"]["template"]["metadata"]["labels"]
     assert selector.items() <= labels.items()
-    # the operator serves no metrics unless asked (it has no --metrics-port yet)
-    assert not [d for d in default_docs if d["kind"] == "Service"
-                and d["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"]
+    # the operator serves its metrics by default (the KipfixNodeNotReady alert needs them)
+    service = one(default_docs, "Service", "operator")
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 9470, "targetPort": "metrics",
+                                         "protocol": "TCP"}]
+    assert service["metadata"]["annotations"]["prometheus.io/port"] == "9470"
+    container = one(default_docs, "Deployment", "operator")["spec"]["template"]["spec"]["containers"][0]
+    assert "--metrics-port=9470" in container["args"]
+    assert {"name": "metrics", "containerPort": 9470, "protocol": "TCP"} in container["ports"]
     assert not [d for d in default_docs if d["kind"] in ("ServiceMonitor", "PrometheusRule")]
 
 
-def test_operator_metrics_when_enabled(helm):
-    docs = render(helm, sets=("operator.metrics.enabled=true", "serviceMonitor.enabled=true"))
-    service = one(docs, "Service", "operator")
-    assert service["spec"]["ports"][0]["port"] == 9470
-    container = one(docs, "Deployment", "operator")["spec"]["template"]["spec"]["containers"][0]
-    assert "--metrics-port=9470" in container["args"]
+def test_operator_metrics_off_and_servicemonitors(helm):
+    docs = render(helm, sets=("serviceMonitor.enabled=true",))
     assert {m["metadata"]["labels"]["app.kubernetes.io/component"]
             for m in docs if m["kind"] == "ServiceMonitor"} == {"agent", "operator"}
+    docs = render(helm, sets=("operator.metrics.enabled=false", "serviceMonitor.enabled=true"))
+    assert not [d for d in docs if d["kind"] == "Service"
+                and d["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"]
+    container = one(docs, "Deployment", "operator")["spec"]["template"]["spec"]["containers"][0]
+    assert "--metrics-port=0" in container["args"]
+    assert [p["name"] for p in container["ports"]] == ["health"]
+    assert {m["metadata"]["labels"]["app.kubernetes.io/component"]
+            for m in docs if m["kind"] == "ServiceMonitor"} == {"agent"}
 
 
 def test_servicemonitor_and_prometheusrule(helm):
