@@ -253,7 +253,7 @@ class KubernetesMode:
     """Watch the node's ConfigMap, run the Agent on it, report to the Lease."""
 
     def __init__(self, node: str, namespace: str, keep_attached: bool = False, api: Any = None,
-                 agent_factory: Callable[[AgentConfig, bool], Any] | None = None):
+                 agent_factory: Callable[[AgentConfig, bool], Any] | None = None, metrics_registry: Any = None):
         from kubernetes import client
 
         self.node, self.namespace, self.keep_attached = node, namespace, keep_attached
@@ -269,6 +269,7 @@ class KubernetesMode:
         self._tls_dir = tempfile.mkdtemp(prefix="kipfix-tls-")
         self._last_text: str | None = None
         self._agent_lock = threading.Lock()
+        self.metrics_registry = metrics_registry  # None: prometheus_client's global registry
 
     # -- config ---------------------------------------------------------------------
 
@@ -327,6 +328,9 @@ class KubernetesMode:
 
     def _config_error(self, message: str) -> None:
         log.error("%s", message)
+        metrics = getattr(self.agent, "metrics", None)
+        if metrics is not None:
+            metrics.reload_failed()
         self.reporter.update(configError=message)
         self._report_now.set()
 
@@ -409,6 +413,9 @@ class KubernetesMode:
                     break
                 self._have_config.clear()  # the ConfigMap went away before the agent started
         agent = self.agent_factory(first, self.keep_attached)  # compiles and loads BPF: takes a while
+        if first.metrics.enabled:  # as run_agent: the first config's metrics settings hold until a restart
+            from .metrics import start_agent_metrics
+            start_agent_metrics(agent, first.metrics.address, first.metrics.port, self.metrics_registry)
         with self._agent_lock:
             self.agent = agent
             if self.first_config is not first:  # changed meanwhile
