@@ -153,7 +153,7 @@ def env(cluster, tmp_path_factory):
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "kipfix.operator", "--namespace", NAMESPACE, "--standalone",
-             "--liveness", f"http://127.0.0.1:{port}/healthz"],
+             "--liveness", f"http://127.0.0.1:{port}/healthz", "--metrics-port", "0"],
             env={**os.environ, "KUBECONFIG": str(e.operator_kubeconfig)}, stdout=log, stderr=subprocess.STDOUT)
     e.operator = proc
 
@@ -464,7 +464,7 @@ def test_two_peered_operators_one_pauses(env, cluster, tmp_path):
         with open(path, "w") as log:
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "kipfix.operator", "--namespace", NAMESPACE, "--peering", "kipfix-e2e",
-                 "--liveness", f"http://127.0.0.1:{_free_port()}/healthz"],
+                 "--liveness", f"http://127.0.0.1:{_free_port()}/healthz", "--metrics-port", "0"],
                 env={**os.environ, "KUBECONFIG": str(env.operator_kubeconfig)}, stdout=log,
                 stderr=subprocess.STDOUT))
 
