@@ -253,7 +253,8 @@ class KubernetesMode:
     """Watch the node's ConfigMap, run the Agent on it, report to the Lease."""
 
     def __init__(self, node: str, namespace: str, keep_attached: bool = False, api: Any = None,
-                 agent_factory: Callable[[AgentConfig, bool], Any] | None = None, metrics_registry: Any = None):
+                 agent_factory: Callable[[AgentConfig, bool], Any] | None = None, metrics_registry: Any = None,
+                 serve_metrics: bool = True):
         from kubernetes import client
 
         self.node, self.namespace, self.keep_attached = node, namespace, keep_attached
@@ -270,6 +271,7 @@ class KubernetesMode:
         self._last_text: str | None = None
         self._agent_lock = threading.Lock()
         self.metrics_registry = metrics_registry  # None: prometheus_client's global registry
+        self.serve_metrics = serve_metrics  # False: no metrics server (tests running several modes in one process)
 
     # -- config ---------------------------------------------------------------------
 
@@ -413,7 +415,7 @@ class KubernetesMode:
                     break
                 self._have_config.clear()  # the ConfigMap went away before the agent started
         agent = self.agent_factory(first, self.keep_attached)  # compiles and loads BPF: takes a while
-        if first.metrics.enabled:  # as run_agent: the first config's metrics settings hold until a restart
+        if self.serve_metrics and first.metrics.enabled:  # as run_agent: the first config's settings hold
             from .metrics import start_agent_metrics
             start_agent_metrics(agent, first.metrics.address, first.metrics.port, self.metrics_registry)
         with self._agent_lock:

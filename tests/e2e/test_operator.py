@@ -356,7 +356,7 @@ def test_agent_follows_its_node_config_and_reports_ready(env, cluster):
     cluster.nodes.add("op-agent", {TEST_LABEL: "agent"})
     agent_api = api_client(env.agent_kubeconfig)
     RecordingAgent.instances.clear()
-    mode = KubernetesMode("op-agent", NAMESPACE, api=agent_api, agent_factory=RecordingAgent)
+    mode = KubernetesMode("op-agent", NAMESPACE, api=agent_api, agent_factory=RecordingAgent, serve_metrics=False)
     thread = threading.Thread(target=mode.run, daemon=True)
     thread.start()
     try:
@@ -512,7 +512,7 @@ def test_agent_reads_tls_files_from_the_secret(env, cluster):
         "data": {"ca.crt": base64.b64encode(b"test CA bytes\n").decode()}})
     agent_api = api_client(env.agent_kubeconfig)
     RecordingAgent.instances.clear()
-    mode = KubernetesMode(node, NAMESPACE, api=agent_api, agent_factory=RecordingAgent)
+    mode = KubernetesMode(node, NAMESPACE, api=agent_api, agent_factory=RecordingAgent, serve_metrics=False)
     thread = threading.Thread(target=mode.run, daemon=True)
     thread.start()
     try:
