@@ -152,7 +152,8 @@ def resolve_secret_files(doc: Any, read_secret: Callable[[str], dict[str, bytes]
     return out
 
 
-def _load_kube_config():
+def load_kube_config():
+    """An API client from the pod's service account, or else the kubeconfig (KUBECONFIG)."""
     from kubernetes import client, config
 
     try:
@@ -258,7 +259,7 @@ class KubernetesMode:
         from kubernetes import client
 
         self.node, self.namespace, self.keep_attached = node, namespace, keep_attached
-        self.api = api or _load_kube_config()
+        self.api = api or load_kube_config()
         self.core = client.CoreV1Api(self.api)
         self.reporter = NodeReporter(self.api, node, namespace)
         self.agent_factory = agent_factory or _make_agent_class()

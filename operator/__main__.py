@@ -17,22 +17,12 @@ import logging
 import random
 import sys
 
-from kipfix.agent.kube import default_namespace
+from kipfix.agent.kube import default_namespace, load_kube_config
 
 PEERING_NAME = "kipfix"
 METRICS_PORT = 9470
 
 log = logging.getLogger("kipfix.operator")
-
-
-def _load_kube_config():
-    from kubernetes import client, config
-
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
-    return client.ApiClient()
 
 
 def ensure_peering(api, name: str) -> None:
@@ -95,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     import kopf
 
     namespace = args.namespace or default_namespace()
-    api = _load_kube_config()
+    api = load_kube_config()
 
     from . import handlers
     from .reconcile import LAST_VALID_ANNOTATION, Reconciler

@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from agentproc import AgentProcess, wait_for
-from router import Router, link_stats, sh
+from router import link_stats, sh
 
 from kipfix.agent import bpfsys
 
@@ -120,12 +120,6 @@ class Prometheus:
                 self.proc.wait()
         if self.proc is not None:
             self._log.close()
-
-
-@pytest.fixture
-def router():
-    with Router() as topo:
-        yield topo
 
 
 @pytest.fixture
