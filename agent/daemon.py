@@ -174,6 +174,7 @@ class Agent:
             log.info("leaving filters and pinned tables in place (--keep-attached)")
         else:
             self.attachments.detach_all()
+            self.netns_ids.forget_all()  # no filter carries these ids any more
         self.attachments.close()
         self.meter.close()
 

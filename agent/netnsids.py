@@ -70,6 +70,15 @@ class NetnsIds:
             if self._by_id.pop(netns_id, None) is not None:
                 self._save()
 
+    def forget_all(self) -> None:
+        """Drop every id and the file: for after the last filter carrying them is gone."""
+        with self._lock:
+            self._by_id.clear()
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
     def label(self, netns_id: int) -> str:
         entry = self._by_id.get(netns_id)
         return entry["label"] if entry else f"netns#{netns_id}"

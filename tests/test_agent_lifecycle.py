@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import sys
 import pytest
 
 from agentproc import totals, wait_for
+from kipfix.agent.netnsids import default_path
 from router import link_stats, sh
 from test_metering_exact import iperf3
 
@@ -75,7 +77,8 @@ def test_sighup_applies_the_difference_and_a_bad_file_keeps_the_running_config(r
     assert totals(records, interface="r1", direction="ingress")[0] == after["rx_packets"] - before["rx_packets"]
     assert totals(records, interface="r1", direction="ingress", icmpType=8) == (150, 150 * 84)
     assert totals(records, interface="r2a", direction="egress")[0] > 0
-    # SIGTERM detached everything, and removed the clsact qdiscs kipfix created.
+    # SIGTERM detached everything, removed the clsact qdiscs kipfix created and the netns ids.
+    assert not os.path.exists(default_path(proc.pin_path))
     for ifname in ("r1", "r2a"):
         assert "kipfix" not in kipfix_filters(router.r, ifname)
         assert "clsact" not in sh(f"tc -n {router.r} qdisc show dev {ifname}").stdout
