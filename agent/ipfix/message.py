@@ -78,39 +78,33 @@ def pack_sets(sets: Sequence[tuple], *, max_size: int, export_time: int,
                     count += take
                     index += take
                     continue
-                if current:
-                    body.append(SET_HEADER.pack(set_id, SET_HEADER_LENGTH + current_len) + b"".join(current))
-                    current, current_len = [], 0
-                yield Packed(pack_message(export_time, sequence, domain, body), count, (set_index, index))
-                if data:
-                    sequence += count
-                body, used, count = [], 0, 0
-                continue
-            record = records[index]
-            size = len(record)
-            if SET_HEADER_LENGTH + size > limit:
-                if skip_too_large is None:
-                    raise RecordTooLarge(f"a record of {size} octets does not fit in a {max_size}-octet message")
-                skip_too_large.append((set_id, record))
-                index += 1
-                continue
-            need = size if current else SET_HEADER_LENGTH + size
-            if used + need > limit:
-                if current:
-                    body.append(SET_HEADER.pack(set_id, SET_HEADER_LENGTH + current_len) + b"".join(current))
-                    current, current_len = [], 0
-                yield Packed(pack_message(export_time, sequence, domain, body), count, (set_index, index))
-                if data:
-                    sequence += count
-                body, used, count = [], 0, 0
-                continue
-            if not current:
-                used += SET_HEADER_LENGTH
-            current.append(record)
-            current_len += size
-            used += size
-            count += 1
-            index += 1
+            else:
+                record = records[index]
+                size = len(record)
+                if SET_HEADER_LENGTH + size > limit:
+                    if skip_too_large is None:
+                        raise RecordTooLarge(f"a record of {size} octets does not fit in a {max_size}-octet message")
+                    skip_too_large.append((set_id, record))
+                    index += 1
+                    continue
+                need = size if current else SET_HEADER_LENGTH + size
+                if used + need <= limit:
+                    if not current:
+                        used += SET_HEADER_LENGTH
+                    current.append(record)
+                    current_len += size
+                    used += size
+                    count += 1
+                    index += 1
+                    continue
+            # The message is full: close the open set and the message, go on in a new one.
+            if current:
+                body.append(SET_HEADER.pack(set_id, SET_HEADER_LENGTH + current_len) + b"".join(current))
+                current, current_len = [], 0
+            yield Packed(pack_message(export_time, sequence, domain, body), count, (set_index, index))
+            if data:
+                sequence += count
+            body, used, count = [], 0, 0
         if current:
             body.append(SET_HEADER.pack(set_id, SET_HEADER_LENGTH + current_len) + b"".join(current))
         position = (set_index + 1, 0)
