@@ -90,6 +90,15 @@ def _rbac_objects(name: str, rules: list[dict]) -> list[dict]:
     return objects
 
 
+def install_crds(cluster, namespace: str) -> None:
+    """Apply kipfix's CRDs, wait until the API serves them, and make ``namespace``."""
+    for crd in CRDS:
+        cluster.kubectl("apply", "-f", str(crd))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=30s",
+                    "crd/flowexporters.kipfix.io", "crd/clusterkopfpeerings.kopf.dev")
+    cluster.kubectl("create", "namespace", namespace, check=False)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -136,11 +145,7 @@ class Env:
 @pytest.fixture(scope="module")
 def env(cluster, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("operator")
-    for crd in CRDS:
-        cluster.kubectl("apply", "-f", str(crd))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=30s",
-                    "crd/flowexporters.kipfix.io", "crd/clusterkopfpeerings.kopf.dev")
-    cluster.kubectl("create", "namespace", NAMESPACE, check=False)
+    install_crds(cluster, NAMESPACE)
     for obj in _rbac_objects("kipfix-operator", OPERATOR_RULES) + _rbac_objects("kipfix-agent", AGENT_RULES):
         cluster.kubectl("apply", "-f", "-", input=json.dumps(obj))
     api = cluster.api()

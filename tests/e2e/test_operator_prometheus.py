@@ -30,7 +30,7 @@ from kubernetes.client.rest import ApiException
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from test_operator import CRDS, GROUP, PLURAL, V4, VERSION, wait_for
+from test_operator import GROUP, PLURAL, V4, VERSION, install_crds, wait_for
 from test_prometheus_scrape import ALERTS, Prometheus, free_port, needs_prometheus
 
 from kipfix.agent.kube import CONFIG_KEY, HASH_ANNOTATION, KubernetesMode, NodeReporter, configmap_name
@@ -64,11 +64,7 @@ def _stop(proc: subprocess.Popen) -> None:
 def stack(cluster, tmp_path_factory):
     """(admin ApiClient, Prometheus scraping the operator's metrics)."""
     workdir = tmp_path_factory.mktemp("operator-metrics")
-    for crd in CRDS:
-        cluster.kubectl("apply", "-f", str(crd))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=30s",
-                    "crd/flowexporters.kipfix.io", "crd/clusterkopfpeerings.kopf.dev")
-    cluster.kubectl("create", "namespace", NAMESPACE, check=False)
+    install_crds(cluster, NAMESPACE)
     api = cluster.api()
     health, metrics = free_port(), free_port()
     log_path = workdir / "operator.log"
