@@ -167,13 +167,15 @@ class Agent:
         self.shutdown()
 
     def shutdown(self) -> None:
-        records = self.cycle(final=True)
-        log.info("stopping: exported %d flows at shutdown (forced end)", len(records))
-        self.sink.close()
+        # Detach before the last drain: a packet metered after the drain would be counted and never exported.
         if self.keep_attached:
             log.info("leaving filters and pinned tables in place (--keep-attached)")
         else:
             self.attachments.detach_all()
+        records = self.cycle(final=True)
+        log.info("stopping: exported %d flows at shutdown (forced end)", len(records))
+        self.sink.close()
+        if not self.keep_attached:
             self.netns_ids.forget_all()  # no filter carries these ids any more
         self.attachments.close()
         self.meter.close()

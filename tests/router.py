@@ -88,6 +88,22 @@ class Router:
         sh(f"ip -n {self.h2} -6 route add default via fd03::fe dev eth1 src fd02::1")
         return self
 
+    def settle(self, timeout: float = 15.0) -> None:
+        """Wait until the router's links are quiet: a tool's report can come before its last
+        packets (iperf3 returns once its data is written, not delivered), and what crosses a
+        link after the agent detached is rightly not metered."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            now = [link_stats(self.r, ifname) for ifname in self.links]
+            if now == last:
+                return
+            last = now
+            time.sleep(0.3)
+        raise AssertionError(f"router links still busy after {timeout}s")
+
     def destroy(self) -> None:
         for ns in self.namespaces:
             sh(f"ip netns pids {ns} | xargs -r kill -9", check=False)

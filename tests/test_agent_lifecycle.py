@@ -30,6 +30,7 @@ def test_idle_active_and_end_of_flow_reasons(router, agent_factory):
     wait_for(lambda: any(r["protocol"] == "icmp" and r["endReason"] == "idle_timeout" for r in proc.records()),
              10, "the ping's idle-timeout record")
     iperf3(router, "-t", "5", "-b", "50M")
+    router.settle()
     proc.stop()
     after = link_stats(router.r, "r1")
     records = proc.records()
@@ -70,6 +71,7 @@ def test_sighup_applies_the_difference_and_a_bad_file_keeps_the_running_config(r
     # r2a's queues for an instant (qdisc_graft -> dev_deactivate), which can drop a request
     # there, with or without kipfix. r1's qdisc existed before the ping, so r1 sees all 150.
     assert "150 packets transmitted" in out
+    router.settle()
     proc.stop()
     after = link_stats(router.r, "r1")
     records = proc.records()
@@ -90,6 +92,7 @@ def test_unknown_interface_and_netns_are_reported_and_the_rest_is_metered(router
     proc.wait_log("attached kipfix to r1")
     wait_for(lambda: "nosuch0" in proc.log() and "kfnonexistent" in proc.log(), 5, "both mistakes logged")
     sh(f"ip netns exec {router.h1} ping -c 5 -i 0.02 -q 10.2.0.1")
+    router.settle()
     proc.stop()
     assert proc.proc.returncode == 0
     assert totals(proc.records(), interface="r1", direction="ingress", icmpType=8) == (5, 5 * 84)

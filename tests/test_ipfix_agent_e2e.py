@@ -106,6 +106,7 @@ def test_every_field_reaches_two_independent_decoders(tmp_path, capture):
             sh(f"ip netns exec {router.h1} ping -6 -c 4 -i 0.02 -q fd02::1")
             iperf3(router, "-t", "1", "-b", "20M")
             iperf3(router, "-u", "-t", "1", "-b", "5M", "-l", "500")
+            router.settle()
             agent.stop()
             after = link_stats(router.r, "r1")
         finally:

@@ -65,6 +65,7 @@ def test_icmp_and_udp_exact_across_an_asymmetric_router(router, agent_factory):
     report = iperf3(router, "-u", "-b", "20M", "-l", "1000", "-t", "3")
     assert "error" not in report, report.get("error")
     sent_datagrams = report["end"]["sum_sent"]["packets"]
+    router.settle()
     agent.stop()
     after = snapshot(router)
     records = agent.records()
@@ -89,6 +90,7 @@ def test_tcp_exact_over_many_drain_cycles(router, agent_factory):
     before = snapshot(router)
     report = iperf3(router, "-t", "4")
     payload = report["end"]["sum_sent"]["bytes"]
+    router.settle()
     agent.stop()
     after = snapshot(router)
     records = agent.records()
@@ -106,6 +108,7 @@ def test_ipv6_tcp_udp_icmpv6_exact(router, agent_factory):
     assert " 15 received" in pings.stdout
     udp = iperf3(router, "-u", "-b", "10M", "-l", "1200", "-t", "2", server_addr="fd02::1")
     tcp = iperf3(router, "-t", "2", server_addr="fd02::1")
+    router.settle()
     agent.stop()
     after = snapshot(router)
     records = agent.records()
@@ -127,6 +130,7 @@ def test_fragments_are_metered_first_with_ports_then_without(router, agent_facto
     before = link_stats(router.r, "r1")
     # 3000 octets of ICMP payload over a 1500 MTU: three fragments per echo request.
     sh(f"ip netns exec {router.h1} ping -c 6 -i 0.05 -s 3000 -q 10.2.0.1")
+    router.settle()
     agent.stop()
     after = link_stats(router.r, "r1")
     records = agent.records()
@@ -157,6 +161,7 @@ def test_restart_under_traffic_loses_nothing(router, agent_factory, tmp_path):
     second.start()
     out, _ = ping.communicate(timeout=60)
     assert " 400 received" in out
+    router.settle()
     second.stop()
     after = link_stats(router.r, "r1")
     records = first.records() + second.records()
