@@ -65,6 +65,24 @@ class InterfaceSelection:
 
 
 @dataclass(frozen=True)
+class PodSelection:
+    """Interfaces inside the network namespaces of selected pods on the node.
+
+    Selectors are Kubernetes label selectors as dicts (empty: all). Only
+    ``kipfix agent --kubernetes`` can meter pods: it watches them.
+    """
+
+    namespace_selector: dict = field(default_factory=dict)
+    pod_selector: dict = field(default_factory=dict)
+    names: tuple[str, ...] = ("eth0",)
+
+    def describe(self) -> str:
+        parts = [f"{what} {sel}" for what, sel in (("namespaceSelector", self.namespace_selector),
+                                                   ("podSelector", self.pod_selector)) if sel]
+        return f"pods ({', '.join(parts) or 'all'}) interfaces {', '.join(self.names)}"
+
+
+@dataclass(frozen=True)
 class Timeouts:
     idle: float = 15.0
     active: float = 60.0
@@ -84,6 +102,7 @@ class AgentConfig:
     collectors: tuple[CollectorConfig, ...] = ()
     templates: tuple[TemplateConfig, ...] = ()
     interfaces: tuple[InterfaceSelection, ...] = ()
+    pods: tuple[PodSelection, ...] = ()
     timeouts: Timeouts = field(default_factory=Timeouts)
     max_flows: int = 65536
     drain_interval: float = 1.0
@@ -241,6 +260,26 @@ def _selection(data: Any, path: str) -> InterfaceSelection:
     return InterfaceSelection(netns, names, exclude)
 
 
+def _pod_selection(data: Any, path: str) -> PodSelection:
+    from .ifselect import validate_patterns
+    from .labelselector import check_selector
+
+    data = _mapping(data, path)
+    _reject_unknown(data, ("namespaceSelector", "podSelector", "interfaces"), path)
+    selectors = {}
+    for key in ("namespaceSelector", "podSelector"):
+        try:
+            selectors[key] = check_selector(data.get(key), f"{path}.{key}")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    names = _strings(data.get("interfaces", ["eth0"]), f"{path}.interfaces") or ("eth0",)
+    try:
+        validate_patterns(names)
+    except ValueError as err:
+        raise ConfigError(f"{path}.interfaces: {err}") from None
+    return PodSelection(selectors["namespaceSelector"], selectors["podSelector"], names)
+
+
 def _timeouts(data: Any) -> Timeouts:
     data = _mapping(data, "timeouts")
     _reject_unknown(data, ("idle", "active"), "timeouts")
@@ -264,7 +303,7 @@ def _metrics(data: Any) -> MetricsConfig:
     return MetricsConfig(address, _int(data.get("port", 9469), "metrics.port", 1, 65535), enabled)
 
 
-TOP_LEVEL_KEYS = ("collectors", "templates", "interfaces", "timeouts", "maxFlows", "drainInterval",
+TOP_LEVEL_KEYS = ("collectors", "templates", "interfaces", "pods", "timeouts", "maxFlows", "drainInterval",
                   "observationDomainId", "enterpriseNumber", "jsonLines", "pinPath", "metrics")
 
 
@@ -289,6 +328,7 @@ def parse_config(data: Any) -> AgentConfig:
             _check_template_fits(template, collector, f"collectors[{i}].maxMessageSize")
     interfaces = tuple(_selection(s, f"interfaces[{i}]")
                        for i, s in enumerate(_sequence(data.get("interfaces"), "interfaces")))
+    pods = tuple(_pod_selection(s, f"pods[{i}]") for i, s in enumerate(_sequence(data.get("pods"), "pods")))
     json_lines = data.get("jsonLines")
     if json_lines is not None:
         _str(json_lines, "jsonLines")
@@ -296,6 +336,7 @@ def parse_config(data: Any) -> AgentConfig:
         collectors=collectors,
         templates=templates,
         interfaces=interfaces,
+        pods=pods,
         timeouts=_timeouts(data.get("timeouts")),
         max_flows=_int(data.get("maxFlows", 65536), "maxFlows", *MAX_FLOWS_RANGE),
         drain_interval=_seconds(data.get("drainInterval", 1.0), "drainInterval", hi=60),

@@ -42,4 +42,9 @@ AGENT_RULES: list[dict] = [
     # its report kipfix-agent-<node>: patch, create on first start
     {"scope": "namespace", "apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
      "verbs": ["get", "create", "patch"]},
+    # pods: its own node's (fieldSelector spec.nodeName) to meter inside them, and every pod's
+    # IPs, names and owners for the Kubernetes metadata elements
+    {"scope": "cluster", "apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
+    # namespace labels, for spec.interfaces.pods.namespaceSelector
+    {"scope": "cluster", "apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
 ]

@@ -164,8 +164,6 @@ class Reconciler:
             exporter, error, previous = exporter_or_previous(body)
             outcome = status.ExporterOutcome(name=meta["name"], generation=int(meta.get("generation") or 0),
                                              invalid=error, in_force=exporter is not None)
-            spec = body.get("spec") or {}
-            outcome.pods_requested = bool((spec.get("interfaces") or {}).get("pods")) and not error
             if exporter is not None:
                 outcome.collectors = exporter.collector_summary()
                 renderable.append(exporter)

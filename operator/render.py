@@ -5,8 +5,8 @@ joins a node's config when it is compatible with what is already there:
 
 - collectors and templates are united; the same template id with different
   fields, or the same collector address with different settings, conflicts;
-- host interface selections are listed side by side (the agent meters the
-  union; one exporter's ``exclude`` never hides another's names);
+- host interface and pod selections are listed side by side (the agent
+  meters the union; one exporter's ``exclude`` never hides another's names);
 - timeouts and the observation domain id must be equal, else they conflict;
 - maxFlows: the largest wins (a bigger table serves both).
 
@@ -89,9 +89,11 @@ def _merge(base: dict, part: dict, base_owners: list[Exporter], new: Exporter) -
         if base[key] != part[key]:
             raise Conflict(f"{what} {part[key]} in FlowExporter {new.name!r} differ from {base[key]} in "
                            f"FlowExporter {owners}")
-    for selection in part["interfaces"]:
-        if selection not in merged["interfaces"]:
-            merged["interfaces"].append(selection)
+    for key in ("interfaces", "pods"):
+        for selection in part.get(key, []):
+            merged.setdefault(key, [])
+            if selection not in merged[key]:
+                merged[key].append(selection)
     merged["maxFlows"] = max(base["maxFlows"], part["maxFlows"])
     return merged
 

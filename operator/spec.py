@@ -26,13 +26,14 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from kipfix.agent import labelselector
 from kipfix.agent.config import ConfigError, parse_config
+from kipfix.agent.labelselector import selector_matches  # noqa: F401 -- render.py and tests use it from here
 from kipfix.agent.ipfix.address import split_address
 from kipfix.agent.kube import SECRET_PREFIX  # "secret:NAME/KEY": a key of a Secret the agent reads
 
 TLS_SECRET_KEYS = {"ca": "ca.crt", "cert": "tls.crt", "key": "tls.key"}
 TRANSPORTS = ("udp", "tcp", "tls")
-SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 DEFAULT_IDLE, DEFAULT_ACTIVE, DEFAULT_MAX_FLOWS = 15, 60, 65536
 STAND_IN_IP = "192.0.2.1"  # TEST-NET-1: replaces host names while validating, never contacted
 
@@ -109,44 +110,11 @@ def _strings(value: Any, path: str) -> tuple[str, ...]:
 
 
 def check_selector(selector: Any, path: str) -> dict:
-    """A standard label selector (matchLabels, matchExpressions)."""
-    selector = _mapping(selector, path)
-    for key in selector:
-        if key not in ("matchLabels", "matchExpressions"):
-            raise SpecError(f"{path}.{key}: unknown key; accepted: matchLabels, matchExpressions")
-    for key, value in _mapping(selector.get("matchLabels"), f"{path}.matchLabels").items():
-        if not isinstance(value, str):
-            raise SpecError(f"{path}.matchLabels.{key}: {value!r} is not a string label value")
-    for i, expr in enumerate(_list(selector.get("matchExpressions"), f"{path}.matchExpressions")):
-        where = f"{path}.matchExpressions[{i}]"
-        expr = _mapping(expr, where)
-        if expr.get("operator") not in SELECTOR_OPERATORS:
-            raise SpecError(f"{where}.operator: {expr.get('operator')!r} is not accepted; "
-                            f"accepted: {', '.join(SELECTOR_OPERATORS)}")
-        values = _strings(expr.get("values"), f"{where}.values")
-        if (expr["operator"] in ("In", "NotIn")) != bool(values):
-            raise SpecError(f"{where}.values: required and non-empty for In/NotIn, forbidden for "
-                            f"Exists/DoesNotExist (operator is {expr['operator']})")
-    return selector
-
-
-def selector_matches(selector: dict, labels: dict) -> bool:
-    """Kubernetes label selector semantics; an empty selector matches everything."""
-    labels = labels or {}
-    for key, value in (selector.get("matchLabels") or {}).items():
-        if labels.get(key) != value:
-            return False
-    for expr in selector.get("matchExpressions") or []:
-        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
-        if op == "In" and labels.get(key) not in values:
-            return False
-        if op == "NotIn" and key in labels and labels[key] in values:
-            return False
-        if op == "Exists" and key not in labels:
-            return False
-        if op == "DoesNotExist" and key in labels:
-            return False
-    return True
+    """A standard label selector (matchLabels, matchExpressions); SpecError names the bad part."""
+    try:
+        return labelselector.check_selector(selector, path)
+    except ValueError as err:
+        raise SpecError(str(err)) from None
 
 
 # ---- sections ----------------------------------------------------------------
@@ -269,6 +237,9 @@ def contribution(exporter: Exporter, node: str) -> dict:
         if exporter.host_exclude:
             selection["exclude"] = list(exporter.host_exclude)
         doc["interfaces"].append(selection)
+    if exporter.pods is not None:
+        doc["pods"] = [{key: exporter.pods[key] for key in ("namespaceSelector", "podSelector", "interfaces")
+                        if exporter.pods.get(key) is not None}]
     return doc
 
 

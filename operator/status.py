@@ -102,7 +102,6 @@ class ExporterOutcome:
     collectors: str = ""
     invalid: str | None = None       # the spec error; the previous valid spec may still be in force
     in_force: bool = False           # some spec of this exporter is rendered (current or previous)
-    pods_requested: bool = False
     targeted: list[str] = field(default_factory=list)
     configured: list[str] = field(default_factory=list)
     conflicts: dict[str, str] = field(default_factory=dict)
@@ -136,8 +135,6 @@ def exporter_status(outcome: ExporterOutcome, node_hashes: dict[str, str], repor
         degraded_reasons.append("InvalidSpec")
     if errors:
         degraded_reasons.append(errors[0]["reason"])
-    if outcome.pods_requested:
-        degraded_reasons.append("PodInterfacesUnsupported")
     if degraded_reasons:
         messages = []
         if outcome.invalid:
@@ -145,8 +142,6 @@ def exporter_status(outcome: ExporterOutcome, node_hashes: dict[str, str], repor
         messages += [e["message"] for e in errors[:3]]
         if len(errors) > 3:
             messages.append(f"and {len(errors) - 3} more in status.nodeErrors")
-        if outcome.pods_requested:
-            messages.append("spec.interfaces.pods is not metered yet by this kipfix version (host interfaces are)")
         degraded = (True, degraded_reasons[0], "; ".join(messages))
     else:
         degraded = (False, "AsExpected", "no problem reported")

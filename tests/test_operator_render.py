@@ -236,17 +236,20 @@ def test_previous_valid_spec_is_rendered_while_the_current_is_invalid():
     assert exporter_or_previous(bad)[0] is None
 
 
-def test_pod_interfaces_are_accepted_but_reported_as_not_metered_yet():
-    fe = body(interfaces={"host": {"names": ["eth0"]},
-                          "pods": {"podSelector": {"matchLabels": {"app": "web"}}}})
-    exporter = parse_exporter(fe)
+def test_pod_selections_render_into_the_agent_config_and_merge():
+    web = body(interfaces={"host": {"names": ["eth0"]},
+                           "pods": {"podSelector": {"matchLabels": {"app": "web"}}}})
+    exporter = parse_exporter(web)
     assert exporter.pods["interfaces"] == ["eth0"]  # the default
     doc = yaml.safe_load(plan([exporter], {"n": {}}).nodes["n"].text)
-    assert [s["names"] for s in doc["interfaces"]] == [["eth0"]]  # host only
-    outcome = status.ExporterOutcome(name="a", generation=1, targeted=["n"], configured=["n"], pods_requested=True)
-    now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
-    report = status.parse_lease(_lease("n", "2026-01-01T00:00:00.000000Z", configHash="h"))
-    result = status.exporter_status(outcome, {"n": "h"}, {"n": report}, None, now)
-    ready, degraded = result["conditions"]
-    assert (ready["status"], degraded["status"], degraded["reason"]) == ("True", "True", "PodInterfacesUnsupported")
-    assert "spec.interfaces.pods is not metered yet" in degraded["message"]
+    assert [s["names"] for s in doc["interfaces"]] == [["eth0"]]
+    assert doc["pods"] == [{"podSelector": {"matchLabels": {"app": "web"}}, "interfaces": ["eth0"]}]
+    db = body(name="b", created="2026-01-02T00:00:00Z", interfaces={"pods": {"namespaceSelector": {"matchLabels": {"team": "db"}},
+                                             "interfaces": ["eth0", "net1"]}})
+    merged = yaml.safe_load(plan([exporter, parse_exporter(db)], {"n": {}}).nodes["n"].text)
+    assert merged["pods"] == [{"podSelector": {"matchLabels": {"app": "web"}}, "interfaces": ["eth0"]},
+                              {"namespaceSelector": {"matchLabels": {"team": "db"}}, "interfaces": ["eth0", "net1"]}]
+    assert merged["interfaces"] == doc["interfaces"]  # the pod-only exporter adds no host selection
+    bad = body(interfaces={"pods": {"podSelector": {"matchExpressions": [{"key": "app", "operator": "Has"}]}}})
+    with pytest.raises(SpecError, match=r"spec.interfaces.pods.podSelector.matchExpressions\[0\].operator: 'Has'"):
+        parse_exporter(bad)
