@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the binaries the e2e tests start: etcd, kube-apiserver,
-# kube-controller-manager, kube-scheduler, kubectl (from tests/e2e/tools, a
-# module that pins k8s.io/kubernetes) and helm (go install at a pinned
+# kube-controller-manager, kube-scheduler, kubectl, kubelet (from
+# tests/e2e/tools, a module that pins k8s.io/kubernetes) and helm (go install at a pinned
 # version). Output goes to a cache outside the repository:
 #
 #   ${KIPFIX_E2E_CACHE:-~/.cache/kipfix-e2e}/bin
@@ -20,7 +20,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cache="${KIPFIX_E2E_CACHE:-${HOME}/.cache/kipfix-e2e}"
 bin="${cache}/bin"
 stamp="${bin}/.stamp"
-binaries=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl helm)
+binaries=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet helm)
 
 force=0
 [[ "${1:-}" == "--force" ]] && force=1
@@ -69,14 +69,15 @@ step() { echo "build-tools: $* ($(( $(date +%s) - start )) s elapsed)"; }
 tmp="$(mktemp -d "${cache}/build.XXXXXX")"
 trap 'rm -rf "${tmp}"' EXIT
 
-step "building kube-apiserver, kube-controller-manager, kube-scheduler, kubectl ${KUBERNETES_VERSION}"
+step "building kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kubelet ${KUBERNETES_VERSION}"
 (
     cd "${here}/tools"
     GOFLAGS="-mod=mod -buildvcs=false" go build -trimpath -ldflags "${k8s_ldflags}" -o "${tmp}/" \
         k8s.io/kubernetes/cmd/kube-apiserver \
         k8s.io/kubernetes/cmd/kube-controller-manager \
         k8s.io/kubernetes/cmd/kube-scheduler \
-        k8s.io/kubernetes/cmd/kubectl
+        k8s.io/kubernetes/cmd/kubectl \
+        k8s.io/kubernetes/cmd/kubelet
     step "building etcd (the version k8s.io/kubernetes ${KUBERNETES_VERSION} requires)"
     GOFLAGS="-mod=mod -buildvcs=false" go build -trimpath -ldflags "-s -w" -o "${tmp}/etcd" \
         go.etcd.io/etcd/server/v3
