@@ -53,7 +53,8 @@ class FanoutSink:
                 log.exception("closing sink %s failed", type(sink).__name__)
 
 
-def build_sink(config: AgentConfig) -> FanoutSink:
+def build_sink(config: AgentConfig, pod_index=None) -> FanoutSink:
+    """The configured sinks; ``pod_index`` (podmeta.PodIndex) fills the IPFIX pod elements."""
     sinks: list[FlowSink] = []
     if config.json_lines:
         from .jsonsink import JsonLinesSink
@@ -63,7 +64,8 @@ def build_sink(config: AgentConfig) -> FanoutSink:
         from .metrics import metered_transport
         # metered: per-collector send errors, templates sent and last send time for the metrics
         sinks.append(IpfixExporter(config.collectors, config.templates, config.observation_domain_id,
-                                   enterprise_number=config.enterprise_number, transport_factory=metered_transport))
+                                   enterprise_number=config.enterprise_number, pod_lookup=pod_index,
+                                   transport_factory=metered_transport))
     if not sinks:
         log.warning("no collectors and no jsonLines output configured: flows are metered but not exported")
     return FanoutSink(sinks)
@@ -75,17 +77,19 @@ def _export_settings(config: AgentConfig) -> tuple:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, config_path: str | None = None, keep_attached: bool = False):
+    def __init__(self, config: AgentConfig, config_path: str | None = None, keep_attached: bool = False,
+                 pod_index=None):
         from .attachments import AttachmentManager
 
         self.config = config
+        self.pod_index = pod_index  # podmeta.PodIndex (Kubernetes): pod elements of IPFIX records
         self.config_path = config_path
         self.keep_attached = keep_attached
         self.meter = Meter(config.max_flows, config.pin_path)
         self.netns_ids = NetnsIds(default_path(config.pin_path))
         self.cache = FlowCache(config.timeouts.idle, config.timeouts.active, config.max_flows,
                                describe=self._describe)
-        self.sink = build_sink(config)
+        self.sink = build_sink(config, self.pod_index)
         self.attachments = AttachmentManager(self.meter, self.netns_ids)
         self.attachments.apply(config.interfaces)
         self._stop = threading.Event()
@@ -207,7 +211,7 @@ class Agent:
             self.cache.idle_ns = int(new.timeouts.idle * 1e9)
             self.cache.active_ns = int(new.timeouts.active * 1e9)
         if _export_settings(new) != _export_settings(old):
-            sink = build_sink(new)
+            sink = build_sink(new, self.pod_index)
             self.sink.close()
             self.sink = sink
         self.config = new

@@ -273,11 +273,15 @@ class IpfixExporter:
     ``templates`` are TemplateConfig (id, fields); every record is exported
     once per template (IPv6 records of an IPv4-only template go to its derived
     counterpart, and vice versa). ValueError for bad templates or TLS files.
+    ``pod_lookup`` (a podmeta.PodIndex, or any ``lookup(packed_address)``
+    giving the five encoded pod values) fills the pod elements; without it
+    they are empty strings.
     """
 
     def __init__(self, collectors: Sequence, templates: Sequence, observation_domain_id: int,
                  enterprise_number: int = 32473, *, exporting_process_id: int | None = None,
-                 route_resolver: Callable | None = None, chunk_size: int = DEFAULT_CHUNK,
+                 route_resolver: Callable | None = None, pod_lookup: Callable | None = None,
+                 chunk_size: int = DEFAULT_CHUNK,
                  reconnect_initial: float = 0.5, reconnect_max: float = 30.0,
                  transport_factory: Callable = make_transport):
         self.observation_domain_id = observation_domain_id
@@ -303,7 +307,7 @@ class IpfixExporter:
             return fields.compile_flow_packer(template, observation_domain_id=observation_domain_id,
                                               exporting_process_id=self.exporting_process_id,
                                               system_init_ms=self.system_init_ms, route=route_resolver,
-                                              family=family)
+                                              pods=pod_lookup, family=family)
 
         # one packer per template and address family, so no record tests its family field by field
         self._packers = [{f: packer(ft.template, f) for f in ((4, 6) if ft.family is None else (ft.family,))}

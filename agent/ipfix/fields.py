@@ -2,7 +2,7 @@
 
 Every fillable element has a Python expression over ``r`` (the FlowRecord),
 ``k`` (its key), values computed once per record (``BINDINGS``: times,
-routes) and a few exporter constants (``odid``, ``epid``, ``init_ms``); template.py compiles a template's
+routes, pods) and a few exporter constants (``odid``, ``epid``, ``init_ms``); template.py compiles a template's
 expressions into one packing function, so a batch is encoded without any
 per-field dispatch. Variable-length expressions produce bytes.
 
@@ -18,6 +18,9 @@ Semantics worth knowing:
   the boot time of the exporting host.
 - Prefix lengths and next hop come from the routing table of the record's
   network namespace (routes.py).
+- Pod elements (sourcePodName, ..., destinationWorkloadKind) come from the
+  pod owning the source or destination address (podmeta.PodIndex); empty
+  strings when no pod owns it or no pod lookup was given (standalone agent).
 """
 
 from __future__ import annotations
@@ -39,7 +42,13 @@ BINDINGS = {
     "ED": "for ED in (divmod(r.end_ns, 1000000000),)",
     "RS": "for RS in (rcache.get((r.netns, k.src)) or route(r.netns, k.src),)",  # (prefix length, next hop)
     "RD": "for RD in (rcache.get((r.netns, k.dst)) or route(r.netns, k.dst),)",
+    # (name, namespace, node, workload name, workload kind) of the pod owning the address, encoded
+    "PS": "for PS in (pget(k.src, NOPOD),)",
+    "PD": "for PD in (pget(k.dst, NOPOD),)",
 }
+# The same through a lookup function, for a pod lookup without an ``encoded_by_address`` dict.
+CALL_BINDINGS = {"PS": "for PS in (pods(k.src),)", "PD": "for PD in (pods(k.dst),)"}
+NOPOD = (b"", b"", b"", b"", b"")
 # dateTimeNanoseconds and dateTimeMicroseconds (NTP format, RFC 7011 6.1.9-10) from a (seconds,
 # nanoseconds) pair, inline: a function call per field costs more than the arithmetic.
 NTP = "(((({t}[0] + 2208988800) & 0xFFFFFFFF) << 32) | (({t}[1] << 32) // 1000000000))"
@@ -100,6 +109,10 @@ EXPRESSIONS: dict[str, str] = {
     "exportingProcessId": "epid",
     "networkNamespace": "r.netns.encode()",
 }
+POD_ELEMENTS = ("PodName", "PodNamespace", "NodeName", "WorkloadName", "WorkloadKind")  # order of PS/PD
+POD_NAMES = tuple(f"{side}{suffix}" for side in ("source", "destination") for suffix in POD_ELEMENTS)
+EXPRESSIONS.update({name: f"{'PS' if name.startswith('source') else 'PD'}[{i % len(POD_ELEMENTS)}]"
+                    for i, name in enumerate(POD_NAMES)})
 EXPRESSIONS.update({name: f"({v4} if k.ip_version == 4 else {v6})" for name, (v4, v6) in BY_FAMILY.items()})
 _FILLABLE = {name.casefold(): name for name in EXPRESSIONS}
 
@@ -200,14 +213,18 @@ def flow_expression(name: str, family: int | None) -> str:
 
 
 def compile_flow_packer(template, *, observation_domain_id: int, exporting_process_id: int,
-                        system_init_ms: int, route=None, family: int | None = None):
+                        system_init_ms: int, route=None, pods=None, family: int | None = None):
     """``pack(records) -> [record bytes]`` for FlowRecords under ``template``.
 
     ``family`` 4 or 6 compiles for records of that IP version only (no
     per-record family tests). ``route(netns, address) -> (prefix_length,
     next_hop_packed)`` is required when the template uses prefix-length or
     next-hop elements; if it has a ``cache`` dict keyed (netns, address),
-    hits skip the call.
+    hits skip the call. ``pods(packed_address) -> (name, namespace, node,
+    workload name, workload kind)`` as bytes (empty bytes when unknown) fills
+    the pod elements; if it has an ``encoded_by_address`` dict (a
+    podmeta.PodIndex), the packer reads that directly and never calls it.
+    Without ``pods`` the pod elements are empty strings.
     """
     from .template import compile_packer
 
@@ -215,16 +232,17 @@ def compile_flow_packer(template, *, observation_domain_id: int, exporting_proce
     if route is None and uses_routes(names):
         raise ValueError(f"template {template.id} needs routing lookups but no route resolver was given")
     expressions = [flow_expression(n, family) for n in names]
+    table = {} if pods is None else getattr(pods, "encoded_by_address", None)
+    bindings = BINDINGS if table is not None else {**BINDINGS, **CALL_BINDINGS}  # no dict: call pods()
     bind = "for k in (r.key,)"
     if issubclass(FlowKey, tuple):  # unpacking the key once is cheaper than an attribute load per field
         expressions = [re.sub(r"\bk\.(\w+)", r"k_\1", e) for e in expressions]
         bind += f" for ({', '.join('k_' + f for f in FlowKey._fields)}) in (k,)"
-        BINDINGS_FOR_TUPLE = {s: re.sub(r"\bk\.(\w+)", r"k_\1", c) for s, c in BINDINGS.items()}
-    else:
-        BINDINGS_FOR_TUPLE = BINDINGS
-    for symbol, clause in BINDINGS_FOR_TUPLE.items():
+        bindings = {s: re.sub(r"\bk\.(\w+)", r"k_\1", c) for s, c in bindings.items()}
+    for symbol, clause in bindings.items():
         if any(re.search(rf"\b{symbol}\b", e) for e in expressions):
             bind += " " + clause
     env = {"Z4": Z4, "Z16": Z16, "odid": observation_domain_id, "epid": exporting_process_id,
-           "init_ms": system_init_ms, "route": route, "rcache": getattr(route, "cache", {})}
+           "init_ms": system_init_ms, "route": route, "rcache": getattr(route, "cache", {}),
+           "pods": pods, "pget": (table if table is not None else {}).get, "NOPOD": NOPOD}
     return compile_packer(template, expressions, env, bind=bind)
