@@ -20,6 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     collect.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     collect.add_argument("--count", type=int, metavar="N", help="stop after N data records")
     collect.add_argument("--timeout", type=float, metavar="S", help="stop after S seconds")
+    collect.add_argument("--enterprise-number", type=int, default=32473, metavar="PEN",
+                         help="Private Enterprise Number of kipfix's own elements (the exporter's "
+                              "enterpriseNumber; default 32473)")
     collect.set_defaults(func=run_collect)
 
     ipfix = subparsers.add_parser("ipfix", help="IPFIX tools")
@@ -39,9 +42,13 @@ def run_collect(args: argparse.Namespace) -> int:
     from .address import parse_listen_address
     from .collector import Collector
 
+    if not 1 <= args.enterprise_number <= 2**32 - 1:
+        print(f"kipfix collect: --enterprise-number {args.enterprise_number}: accepted: 1..4294967295",
+              file=sys.stderr)
+        return 2
     try:
         host, port = parse_listen_address(args.listen)
-        collector = Collector(host, port, json_lines=args.json)
+        collector = Collector(host, port, json_lines=args.json, enterprise_number=args.enterprise_number)
     except (ValueError, OSError) as err:
         print(f"kipfix collect: --listen {args.listen}: {err}", file=sys.stderr)
         return 2

@@ -64,7 +64,13 @@ def _endpoint(values: dict, side: str) -> str:
     return f"{text}:{port}" if port is not None else text
 
 
+def _pod(values: dict, side: str) -> str:
+    name = values.get(f"{side}PodName")
+    return f"{values.get(f'{side}PodNamespace', '')}/{name}" if name else "-"
+
+
 def record_line(record: DecodedRecord) -> str:
+    """A table row; records with pod elements get ``pods NAMESPACE/NAME -> NAMESPACE/NAME`` after it."""
     v = record.values
     if record.scope:
         return f"options {record.template_id}: " + " ".join(f"{k}={_json_value(x)}" for k, x in v.items())
@@ -76,9 +82,12 @@ def record_line(record: DecodedRecord) -> str:
     proto = PROTO_NAMES.get(proto, str(proto)) if proto is not None else "-"
     ifindex = v.get("ingressInterface") or v.get("egressInterface") or "-"
     direction = {0: "in", 1: "out"}.get(v.get("flowDirection"), "-")
-    return (f"{when:<23} {duration:>7} {proto:<6} {_endpoint(v, 'source'):<41} "
+    line = (f"{when:<23} {duration:>7} {proto:<6} {_endpoint(v, 'source'):<41} "
             f"{_endpoint(v, 'destination'):<41} {ifindex!s:>4} {direction:<3} "
             f"{v.get('packetDeltaCount', '-')!s:>9} {v.get('octetDeltaCount', '-')!s:>12}")
+    if "sourcePodName" in v or "destinationPodName" in v:
+        line += f"  pods {_pod(v, 'source')} -> {_pod(v, 'destination')}"
+    return line
 
 
 class Collector:
