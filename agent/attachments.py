@@ -125,6 +125,7 @@ class AttachmentManager:
         self.egress_name = egress_name
         self.errors: collections.deque[AttachError] = collections.deque(maxlen=1000)
         self.error_count = 0
+        self.generation = 0  # bumped whenever an interface is attached or let go
         self._lock = threading.RLock()
         self._desired: dict[NetnsRef, tuple[Selector, ...]] = {}
         self._watches: dict[NetnsRef, _Watch] = {}
@@ -187,6 +188,45 @@ class AttachmentManager:
         with self._lock:
             watch = self._watches.get(NetnsRef.parse(netns))
             return watch.netns_id if watch else None
+
+    def veth_peer(self, netns: NetnsRef | str, ifindex: int,
+                  among: Iterable[NetnsRef | str]) -> tuple[int, int] | None:
+        """(netns id, ifindex) of the other end of the veth ``ifindex`` in ``netns``,
+        if that end is attached in one of the netns ``among``."""
+        with self._lock:
+            watch = self._watches.get(NetnsRef.parse(netns))
+            if watch is None:
+                return None
+            try:
+                link = watch.command.get_links(ifindex)[0]
+            except Exception:  # noqa: BLE001 -- gone meanwhile: no pair
+                return None
+            peer_index, peer_nsid = link.get_attr("IFLA_LINK"), link.get_attr("IFLA_LINK_NETNSID")
+            if peer_index is None or peer_index == ifindex:
+                return None
+            for ref in map(NetnsRef.parse, among):
+                other = self._watches.get(ref)
+                if other is None or other is watch or peer_index not in other.attached or peer_nsid is None:
+                    continue
+                try:
+                    fd = ref.open()
+                except NetnsNotFound:
+                    continue
+                try:
+                    # the nsid by which ``netns`` knows ``ref``: is it the peer's?
+                    found = watch.command.get_netnsid(fd=fd) or {}
+                except Exception:  # noqa: BLE001
+                    found = {}
+                finally:
+                    os.close(fd)
+                if found.get("nsid") == peer_nsid:
+                    return other.netns_id, peer_index
+            return None
+
+    def release_soon(self, netns_id: int) -> None:
+        """Give the id back at the next recheck (if no watched netns uses it): its flows are all out."""
+        with self._lock:
+            self._release_at[netns_id] = time.monotonic()
 
     def detach_all(self) -> None:
         """Detach every kipfix filter this manager attached and forget the desired set."""
@@ -272,6 +312,13 @@ class AttachmentManager:
         self._missing.discard(ref)
         if watch is None:
             return
+        self.generation += 1
+        if detach and not ref.is_host and ref.inode() != watch.inode:
+            detach = False  # the netns is gone (a deleted pod's), and its filters with it
+            try:
+                self.state.forget_netns(watch.cookie)
+            except OSError:
+                pass
         if detach:
             for ifindex in list(watch.attached):
                 self._detach(watch, ifindex)
@@ -282,6 +329,7 @@ class AttachmentManager:
 
     def _forget_netns(self, watch: _Watch) -> None:
         """The netns went away: forget it without error and look for it again."""
+        self.generation += 1
         log.info("netns %s disappeared: forgetting its %d attached interfaces", watch.ref,
                  len(watch.attached))
         for ifindex, name in watch.attached.items():
@@ -356,10 +404,12 @@ class AttachmentManager:
         if watch.failed.pop(ifindex, None) is not None:
             log.info("attached kipfix to %s in netns %s after earlier failures", name, watch.ref)
         watch.attached[ifindex] = name
+        self.generation += 1
         log.info("attached kipfix to %s (ifindex %d) in netns %s", name, ifindex, watch.ref)
 
     def _detach(self, watch: _Watch, ifindex: int) -> None:
         name = watch.attached.pop(ifindex, "")
+        self.generation += 1
         self._remember(watch.netns_id, ifindex, name)
         try:
             tc.detach_link(watch.command, watch.ref, watch.cookie, ifindex, name, self.state)
@@ -373,6 +423,7 @@ class AttachmentManager:
         name = watch.attached.pop(ifindex, None)
         if name is None:
             return
+        self.generation += 1
         self._remember(watch.netns_id, ifindex, name)
         try:
             self.state.forget(watch.cookie, ifindex)  # its clsact died with it

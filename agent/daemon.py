@@ -91,7 +91,8 @@ class Agent:
                                describe=self._describe)
         self.sink = build_sink(config, self.pod_index)
         self.attachments = AttachmentManager(self.meter, self.netns_ids)
-        self.attachments.apply(config.interfaces)
+        self.attachments.apply(self.desired_interfaces(config))
+        self.ended_netns: set[int] = set()  # netns ids whose flows end at the next drain (a deleted pod's)
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._unmetered = self.meter.tables.unmetered()
@@ -124,6 +125,14 @@ class Agent:
                              exported_flows=self.exported_flows, ignored_packets=packets, ignored_octets=octets,
                              interfaces=tuple(self.attachments.interface_table()))
 
+    def desired_interfaces(self, config: AgentConfig) -> tuple:
+        """What to attach to: the config's selections (the Kubernetes agent adds its pods')."""
+        return config.interfaces
+
+    def deduplicate(self, flows: list, final: bool) -> list:
+        """Flows metered twice on one path, left out (the Kubernetes agent's pod veths)."""
+        return flows
+
     def cycle(self, final: bool = False) -> list[FlowRecord]:
         started = time.monotonic()
         flows = self.meter.drain()
@@ -132,11 +141,17 @@ class Agent:
         for _netns_id, _key, counters in flows:
             self.observed_packets += counters.packets
             self.observed_octets += counters.octets
+        flows = self.deduplicate(flows, final)
         with gc_paused():  # one record per flow, all alive until exported: nothing for the GC to find
             records = self.cache.ingest(flows)
             records += self.cache.expire()  # even at shutdown, a flow that ended says how it ended
             if final:
                 records += self.cache.flush(EndReason.FORCED_END)
+            elif self.ended_netns:  # detached before this drain: nothing of them is left in the kernel
+                ended, self.ended_netns = self.ended_netns, set()
+                records += self.cache.flush(EndReason.FORCED_END, match=lambda netns_id, _key: netns_id in ended)
+                for netns_id in ended:
+                    self.attachments.release_soon(netns_id)
         unmetered = self.meter.tables.unmetered()
         if unmetered != self._unmetered:
             log.warning("flow table full (maxFlows %d): %d packets / %d octets not metered since the last "
@@ -189,6 +204,7 @@ class Agent:
     def reload(self) -> bool:
         try:
             new = load_config(self.config_path)
+            check_standalone(new, self.config_path)
         except ConfigError as err:
             log.error("reload failed, keeping the running configuration: %s", err)
             if self.metrics is not None:
@@ -206,7 +222,7 @@ class Agent:
                             key, getattr(old, key), getattr(new, key))
                 new = replace(new, **{key: getattr(old, key)})
         if new.interfaces != old.interfaces:
-            self.attachments.apply(new.interfaces)
+            self.attachments.apply(self.desired_interfaces(new))
         if new.timeouts != old.timeouts:
             self.cache.idle_ns = int(new.timeouts.idle * 1e9)
             self.cache.active_ns = int(new.timeouts.active * 1e9)
@@ -219,9 +235,16 @@ class Agent:
         log.info("configuration generation %d applied", self.generation)
 
 
+def check_standalone(config: AgentConfig, path: str | None) -> None:
+    if config.pods:
+        raise ConfigError(f"{path}: pods: only `kipfix agent --kubernetes` meters pods (it watches the API "
+                          "for them); standalone, select their interfaces under interfaces with netns")
+
+
 def run_agent(config_path: str, keep_attached: bool = False) -> int:
     try:
         config = load_config(config_path)
+        check_standalone(config, config_path)
     except ConfigError as err:
         log.error("%s", err)
         return 2

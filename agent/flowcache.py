@@ -54,6 +54,9 @@ class FlowCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, cache_key: CacheKey) -> bool:
+        return cache_key in self._entries
+
     def _record(self, cache_key: CacheKey, counters: FlowCounters, reason: EndReason, offset: int) -> FlowRecord:
         netns_id, key = cache_key
         netns, ifname = self.describe(netns_id, key.ifindex)

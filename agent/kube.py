@@ -17,13 +17,18 @@
 - The agent reports its state in the Lease ``kipfix-agent-<node>`` (same
   namespace): ``spec.renewTime`` every RENEW_SECONDS as a heartbeat and the
   annotation ``kipfix.io/report`` (JSON: configHash, configError, interfaces,
-  errors, lastExportTime, exportedFlows). The operator aggregates these into
-  each FlowExporter's status.
+  errors, warnings, lastExportTime, exportedFlows). The operator aggregates
+  these into each FlowExporter's status.
+- The config's ``pods`` selections are metered inside the selected pods of
+  this node (podwatch.py, podmetering.py, podnetns.py); every pod of the node
+  (and of the cluster, when a template names a pod element) is indexed by IP
+  for the Kubernetes metadata elements.
 - ``KIPFIX_PIN_PATH`` (optional) overrides the pinned-table path, a property
   of the node rather than of a FlowExporter.
 
 API calls (see kipfix.operator.rbac.AGENT_RULES): configmaps get/list/watch,
-secrets get, leases get/create/patch — all in the agent's namespace.
+secrets get, leases get/create/patch in the agent's namespace; pods and
+namespaces list/watch in the cluster.
 """
 
 from __future__ import annotations
@@ -172,7 +177,7 @@ class NodeReporter:
         self.coordination = client.CoordinationV1Api(api)
         self.node, self.namespace, self.name = node, namespace, lease_name(node)
         self.report: dict[str, Any] = {"configHash": None, "configError": None, "interfaces": [],
-                                       "errors": [], "lastExportTime": None, "exportedFlows": 0}
+                                       "errors": [], "warnings": [], "lastExportTime": None, "exportedFlows": 0}
         self._lock = threading.Lock()
 
     def update(self, **fields: Any) -> None:
@@ -201,18 +206,95 @@ class NodeReporter:
             self.coordination.create_namespaced_lease(self.namespace, body)
 
 
+def uses_pod_elements(config: AgentConfig) -> bool:
+    """True if a template names a pod metadata element (then every pod of the cluster is indexed)."""
+    from .ipfix.fields import POD_NAMES, canonical_name
+
+    return any(canonical_name(name) in POD_NAMES for template in config.templates for name in template.fields)
+
+
 def _make_agent_class():
     from .daemon import Agent
 
     class KubeAgent(Agent):
-        """The daemon's Agent, fed by the ConfigMap watch instead of a file."""
+        """The daemon's Agent, fed by the ConfigMap watch instead of a file, metering pods too."""
 
         def __init__(self, config: AgentConfig, keep_attached: bool = False):
-            super().__init__(config, None, keep_attached=keep_attached)
+            from .podmeta import PodIndex
+
+            from .dedup import VethDedup
+
+            self.pod_metering = None  # PodMetering, from start_pods()
+            self.pod_watch = None
+            self.dedup = VethDedup()
+            self._pairs_generation = -1
+            super().__init__(config, None, keep_attached=keep_attached, pod_index=PodIndex())
             self.pending: AgentConfig | None = None
             self.stop_requested = False
             self.last_export: str | None = None
             self.applied_at = time.time()
+
+        # -- pods ---------------------------------------------------------------------
+
+        def start_pods(self, api: Any, node: str) -> None:
+            """Watch this node's pods (and namespaces) and meter inside the selected ones."""
+            from .podmetering import PodMetering
+            from .podwatch import PodWatch
+
+            self.pod_metering = PodMetering(node)
+            self.pod_metering.configure(self.config.pods)
+            self.attachments.on_error = self._attach_error
+            self.pod_watch = PodWatch(api, node, self.pod_metering, self.pod_index, self.pods_changed).start()
+            self.pod_watch.want_cluster_pods(uses_pod_elements(self.config))
+
+        def pods_changed(self) -> None:
+            """Called from the watch threads: the run loop re-decides between drains."""
+            self.request_reload()
+
+        def desired_interfaces(self, config: AgentConfig) -> tuple:
+            pods = self.pod_metering.attach_selections() if self.pod_metering is not None else []
+            return (*config.interfaces, *pods)
+
+        def sync_pods(self) -> None:
+            if self.pod_metering is None:
+                return
+            changed = self.pod_metering.refresh()
+            ended = self.pod_metering.take_ended()
+            if changed or ended:
+                self.attachments.apply(self.desired_interfaces(self.config))
+            for pod in ended:  # detached now: their flows end at the next drain
+                netns_id = self.netns_ids.find(pod.inode)
+                if netns_id is not None:
+                    self.ended_netns.add(netns_id)
+
+        def deduplicate(self, flows: list, final: bool) -> list:
+            if self.pod_metering is None:
+                return flows
+            if self._pairs_generation != self.attachments.generation:
+                self._pairs_generation = self.attachments.generation
+                self.dedup.set_pairs(self._veth_pairs())
+            return self.dedup.filter(flows, self.cache.__contains__, final)
+
+        def _veth_pairs(self) -> dict:
+            """host-side end -> pod-side end, for metered pods whose veth is metered outside too."""
+            from .netns import NetnsRef
+
+            outer = {NetnsRef.parse(s.netns) for s in self.config.interfaces}
+            pairs = {}
+            for selection in self.pod_metering.attach_selections():
+                pod_id = self.attachments.netns_id(selection.netns)
+                for ifindex in self.attachments.interface_names(selection.netns):
+                    peer = self.attachments.veth_peer(selection.netns, ifindex, outer)
+                    if peer is not None and pod_id is not None:
+                        pairs[peer] = (pod_id, ifindex)
+            return pairs
+
+        def _attach_error(self, err: Any) -> None:
+            pod = self.pod_metering.pod_of_netns(err.netns) if self.pod_metering is not None else None
+            if pod is not None:
+                log.warning("pod %s: %s", pod.label, err.message)
+
+        # -- config -------------------------------------------------------------------
 
         def offer(self, config: AgentConfig) -> None:
             """Called from the watch thread: the run loop applies it between drains."""
@@ -226,26 +308,51 @@ def _make_agent_class():
         def reload(self) -> bool:
             config, self.pending = self.pending, None
             if config is not None:
+                if self.pod_metering is not None:
+                    self.pod_metering.configure(config.pods)
+                    self.pod_watch.want_cluster_pods(uses_pod_elements(config))
                 self.apply(config)
                 self.applied_at = time.time()
+            self.sync_pods()
             if self.stop_requested:  # the run loop cleared the stop flag to reload: set it again
                 self._stop.set()
             return True
 
         def cycle(self, final: bool = False):
+            if not final and self.pod_metering is not None and self.pod_metering.unresolved():
+                self.sync_pods()  # look again for the netns of pods not found yet
             records = super().cycle(final)
             if records:
                 self.last_export = now_micro()
+            if self.pod_watch is not None:  # a deleted pod is named in its flushed flows, then forgotten
+                self.pod_watch.sweep(max(10.0, 3 * self.config.drain_interval))
             return records
+
+        def shutdown(self) -> None:
+            if self.pod_watch is not None:
+                self.pod_watch.stop()
+            super().shutdown()
 
         def state(self) -> dict:
             recent = [e for e in list(self.attachments.errors)
                       if e.time >= self.applied_at and e.time >= time.time() - 60]
-            errors = sorted({e.message for e in recent})[:5]
-            return {"interfaces": [a.ifname if a.netns in ("", "host") else f"{a.netns}/{a.ifname}"
-                                   for a in self.attachments.attached()],
-                    "errors": errors, "lastExportTime": self.last_export,
-                    "exportedFlows": self.exported_flows}
+            errors = set()
+            for err in recent:
+                pod = self.pod_metering.pod_of_netns(err.netns) if self.pod_metering is not None else None
+                errors.add(f"pod {pod.label}: {err.message}" if pod is not None else err.message)
+            warnings: list[str] = []
+            if self.pod_metering is not None:
+                errors.update(self.pod_metering.errors())
+                warnings = self.pod_metering.warnings()[:5]
+            interfaces = []
+            for a in self.attachments.attached():
+                pod = self.pod_metering.pod_of_netns(a.netns) if self.pod_metering is not None else None
+                if pod is not None:
+                    interfaces.append(f"pod {pod.label}/{a.ifname}")
+                else:
+                    interfaces.append(a.ifname if a.netns in ("", "host") else f"{a.netns}/{a.ifname}")
+            return {"interfaces": interfaces, "errors": sorted(errors)[:5], "warnings": warnings,
+                    "lastExportTime": self.last_export, "exportedFlows": self.exported_flows}
 
     return KubeAgent
 
@@ -416,6 +523,8 @@ class KubernetesMode:
                     break
                 self._have_config.clear()  # the ConfigMap went away before the agent started
         agent = self.agent_factory(first, self.keep_attached)  # compiles and loads BPF: takes a while
+        if hasattr(agent, "start_pods"):
+            agent.start_pods(self.api, self.node)
         if self.serve_metrics and first.metrics.enabled:  # as run_agent: the first config's settings hold
             from .metrics import start_agent_metrics
             start_agent_metrics(agent, first.metrics.address, first.metrics.port, self.metrics_registry)

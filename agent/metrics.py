@@ -252,6 +252,13 @@ class AgentCollector(Collector):
             (_gauge("interface_attached", "1 for every interface kipfix is attached to; 0 for one the "
                     "configuration names exactly that is not attached", ("netns", "interface")),
              self._attached),
+            (_counter("deduplicated_packets", "Packets metered on the host side of a pod's veth and left out "
+                      "because the pod's own interface metered them too (Kubernetes agent)"),
+             lambda f: f.add_metric([], self.agent.dedup.dropped_packets)),
+            (_counter("deduplicated_bytes", "Octets of the packets counted in deduplicated_packets"),
+             lambda f: f.add_metric([], self.agent.dedup.dropped_octets)),
+            (_gauge("pods_metered", "Pods of this node metered inside their network namespace (Kubernetes "
+                    "agent), and those whose netns is not found yet", ("state",)), self._pods),
             (_counter("attach_errors", "Errors attaching or detaching interfaces and watching netns"),
              lambda f: f.add_metric([], self.agent.attachments.error_count)),
             (_gauge("config_generation", "Configuration generation applied (1 at start, +1 per reload "
@@ -259,6 +266,12 @@ class AgentCollector(Collector):
         ]
 
     # -- sources ------------------------------------------------------------------
+
+    def _pods(self, family: GaugeMetricFamily) -> None:
+        metering = self.agent.pod_metering
+        unresolved = len(metering.unresolved())
+        family.add_metric(["metered"], len(metering.metered) - unresolved)
+        family.add_metric(["netns_not_found"], unresolved)
 
     def _unmetered(self) -> tuple[int, int]:
         return self.agent.meter.tables.unmetered()

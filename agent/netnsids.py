@@ -65,6 +65,11 @@ class NetnsIds:
             self._save()
             return free
 
+    def find(self, inode: int) -> int | None:
+        """The id given to the netns with this inode, if any."""
+        with self._lock:
+            return next((i for i, entry in self._by_id.items() if entry["inode"] == inode), None)
+
     def release(self, netns_id: int) -> None:
         with self._lock:
             if self._by_id.pop(netns_id, None) is not None:

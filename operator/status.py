@@ -5,10 +5,12 @@ renews ``spec.renewTime`` every few seconds and writes its report as JSON in
 the annotation ``kipfix.io/report`` (see ``kipfix.agent.kube``)::
 
     {"configHash": "…", "configError": null, "interfaces": ["eth0"],
-     "errors": [], "lastExportTime": "2026-…Z", "exportedFlows": 12}
+     "errors": [], "warnings": [], "lastExportTime": "2026-…Z", "exportedFlows": 12}
 
 A configured node is ready when its lease is current, the agent applied the
 config hash the operator rendered for the node, and reports no error.
+Warnings (a pod selection matching no pod there) are listed in nodeErrors
+with reason AgentWarning but leave the node ready.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class NodeReport:
     config_error: str | None = None
     interfaces: tuple[str, ...] = ()
     errors: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()  # e.g. a pod selection matching no pod on the node: reported, still ready
     last_export: str | None = None
 
 
@@ -62,7 +65,7 @@ def parse_lease(lease: dict) -> NodeReport | None:
         node=node, renewed=parse_time(spec.get("renewTime")), duration=int(spec.get("leaseDurationSeconds") or 30),
         config_hash=report.get("configHash"), config_error=report.get("configError"),
         interfaces=tuple(report.get("interfaces") or ()), errors=tuple(report.get("errors") or ()),
-        last_export=report.get("lastExportTime"))
+        warnings=tuple(report.get("warnings") or ()), last_export=report.get("lastExportTime"))
 
 
 def node_problem(node: str, expected_hash: str, report: NodeReport | None,
@@ -117,6 +120,9 @@ def exporter_status(outcome: ExporterOutcome, node_hashes: dict[str, str], repor
         problem = node_problem(node, node_hashes.get(node, ""), reports.get(node), now)
         if problem is None:
             ready += 1
+            report = reports.get(node)
+            errors += [{"node": node, "reason": "AgentWarning", "message": f"node {node}: {warning}"}
+                       for warning in (report.warnings if report else ())]
         else:
             errors.append({"node": node, "reason": problem[0], "message": problem[1]})
     targeted = len(outcome.targeted)
