@@ -93,7 +93,8 @@ class Agent:
         self.attachments = AttachmentManager(self.meter, self.netns_ids)
         self.attachments.apply(self.desired_interfaces(config))
         self.ended_netns: set[int] = set()  # netns ids whose flows end at the next drain (a deleted pod's)
-        self._stop = threading.Event()
+        self._wake = threading.Event()  # the loop sleeps on this between drains
+        self._stopping = threading.Event()
         self._reload = threading.Event()
         self._unmetered = self.meter.tables.unmetered()
         self.observed_packets = self.observed_octets = self.exported_flows = 0
@@ -103,11 +104,12 @@ class Agent:
     # -- signals and control -----------------------------------------------------
 
     def request_stop(self, *_args) -> None:
-        self._stop.set()
+        self._stopping.set()
+        self._wake.set()
 
     def request_reload(self, *_args) -> None:
         self._reload.set()
-        self._stop.set()  # wake the loop; it tells the two apart
+        self._wake.set()
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self.request_stop)
@@ -171,14 +173,15 @@ class Agent:
     def run(self) -> None:
         next_drain = time.monotonic() + self.config.drain_interval
         while True:
-            self._stop.wait(max(0.0, next_drain - time.monotonic()))
+            self._wake.wait(max(0.0, next_drain - time.monotonic()))
+            self._wake.clear()  # before reading the flags: one set after this wakes the next wait
             if self._reload.is_set():
                 self._reload.clear()
-                self._stop.clear()
                 self.reload()
-                continue
-            if self._stop.is_set():
+            if self._stopping.is_set():
                 break
+            if time.monotonic() < next_drain:  # woken early (a reload)
+                continue
             next_drain += self.config.drain_interval
             if next_drain < time.monotonic():  # fell behind (e.g. a slow drain): don't burst
                 next_drain = time.monotonic() + self.config.drain_interval

@@ -230,7 +230,6 @@ def _make_agent_class():
             self._pairs_generation = -1
             super().__init__(config, None, keep_attached=keep_attached, pod_index=PodIndex())
             self.pending: AgentConfig | None = None
-            self.stop_requested = False
             self.last_export: str | None = None
             self.applied_at = time.time()
 
@@ -301,10 +300,6 @@ def _make_agent_class():
             self.pending = config
             self.request_reload()
 
-        def request_stop(self, *_args) -> None:
-            self.stop_requested = True
-            super().request_stop()
-
         def reload(self) -> bool:
             config, self.pending = self.pending, None
             if config is not None:
@@ -314,8 +309,6 @@ def _make_agent_class():
                 self.apply(config)
                 self.applied_at = time.time()
             self.sync_pods()
-            if self.stop_requested:  # the run loop cleared the stop flag to reload: set it again
-                self._stop.set()
             return True
 
         def cycle(self, final: bool = False):

@@ -37,16 +37,32 @@ def _normal(address: str) -> str:
     return str(ipaddress.ip_address(address.split("%", 1)[0]))
 
 
+def _start_time(proc: str, pid: str) -> int | None:
+    """A process's start time (clock ticks after boot), or None if it is gone."""
+    try:
+        with open(os.path.join(proc, pid, "stat"), "rb") as handle:
+            stat = handle.read()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(b")") + 2:].split()[19])  # field 22; the name before ")" may hold spaces
+
+
 class NetnsFinder:
     def __init__(self, runtime_dirs: Iterable[str] = RUNTIME_NETNS_DIRS, proc: str = "/proc"):
         self.runtime_dirs = tuple(runtime_dirs)
         self.proc = proc
-        self._addresses: dict[int, frozenset[str]] = {}  # netns inode -> its global addresses
+        # (inode, identity of the path) -> the netns's global addresses. Inode numbers of dead
+        # namespaces are reused at once, so the inode alone does not name a netns for long: a file
+        # in a runtime folder adds its ctime, a process its start time.
+        self._addresses: dict[tuple, frozenset[str]] = {}
         self._lock = threading.Lock()
 
-    def candidates(self) -> dict[int, str]:
-        """Every network namespace in sight: inode -> a path that opens it (runtime folders first)."""
-        found: dict[int, str] = {}
+    def candidates(self) -> dict[int, tuple[str, tuple]]:
+        """Every network namespace in sight: inode -> (a path that opens it, that path's identity).
+
+        A runtime folder's file is preferred; else the oldest process in the netns (a pod's
+        sandbox process outlives the commands run in the pod)."""
+        found: dict[int, tuple[str, tuple]] = {}
         for folder in self.runtime_dirs:
             try:
                 names = sorted(os.listdir(folder))
@@ -55,9 +71,10 @@ class NetnsFinder:
             for name in names:
                 path = os.path.join(folder, name)
                 try:
-                    found.setdefault(os.stat(path).st_ino, path)
+                    st = os.stat(path)
                 except OSError:
                     continue
+                found.setdefault(st.st_ino, (path, ("file", st.st_ctime_ns)))
         try:
             pids = [p for p in os.listdir(self.proc) if p.isdigit()]
         except OSError:
@@ -65,9 +82,15 @@ class NetnsFinder:
         for pid in pids:
             path = os.path.join(self.proc, pid, "ns", "net")
             try:
-                found.setdefault(os.stat(path).st_ino, path)
+                inode = os.stat(path).st_ino
             except OSError:  # the process exited, or its netns is not ours to see
                 continue
+            known = found.get(inode)
+            if known is not None and known[1][0] == "file":
+                continue
+            started = _start_time(self.proc, pid)
+            if started is not None and (known is None or started < known[1][1]):
+                found[inode] = (path, ("process", started, int(pid)))
         found.pop(self._own_inode(), None)
         return found
 
@@ -98,20 +121,22 @@ class NetnsFinder:
             return None
         with self._lock:
             candidates = self.candidates()
-            for inode in [i for i in self._addresses if i not in candidates]:
-                del self._addresses[inode]
+            current = {(inode, *identity) for inode, (_path, identity) in candidates.items()}
+            for key in [k for k in self._addresses if k not in current]:
+                del self._addresses[key]
             skip = set(exclude)
-            for inode, path in candidates.items():
+            for inode, (path, identity) in candidates.items():
                 if inode in skip:
                     continue
-                addresses = self._addresses.get(inode)
+                key = (inode, *identity)
+                addresses = self._addresses.get(key)
                 if not addresses:  # never read, or read before the CNI plugin gave it an address
                     try:
                         addresses = self.read_addresses(path)
                     except Exception as err:  # noqa: BLE001 -- gone meanwhile, or not a netns we may enter
                         log.debug("cannot read addresses in netns %s: %s", path, err)
                         continue
-                    self._addresses[inode] = addresses
+                    self._addresses[key] = addresses
                 if addresses & wanted:
                     return path, inode
         return None
