@@ -55,7 +55,7 @@ def _inode(path: str) -> int | None:
 class PodMetering:
     def __init__(self, node: str, finder: NetnsFinder | None = None):
         self.node = node
-        self.finder = finder or NetnsFinder()
+        self.finder = finder if finder is not None else NetnsFinder()
         self.selections: tuple[PodSelection, ...] = ()
         self.namespace_labels: dict[str, dict] = {}
         self.pods: dict[str, Any] = {}  # uid -> PodInfo of this node's pods
