@@ -293,6 +293,9 @@ def test_pods_are_metered_named_deduplicated_and_reported(podnode):
     assert "pod kxpods-a/web-a/eth0" in report["interfaces"] and "pod kxpods-b/web-b/eth0" in report["interfaces"]
     log = podnode.log_path.read_text()
     assert "pod kxpods-b/web-odd" in log and "pod kxpods-b/web-lost" in log
+    # web-a, web-b and web-odd (netns found, no eth0 in it); web-lost waits for its netns
+    assert podnode.metric("pods_metered", '{state="metered"}') == 3
+    assert podnode.metric("pods_metered", '{state="netns_not_found"}') == 1
 
     web_a.ping(web_b.ip, 5, size=100)  # 5 x 128 octets each way
     db.ping(web_b.ip, 3)               # 3 x 84 octets each way
