@@ -27,6 +27,8 @@ if [ "$with_tests" = 1 ]; then
     tshark                                                    # independent IPFIX decoder in tests
     prometheus                                                # real Prometheus and promtool for the metrics tests
     debootstrap buildah runc                                  # build and run the container image in tests
+    containerd containernetworking-plugins                    # the e2e real node (tests/e2e/realnode.py)
+    gcc libc6-dev util-linux                                  # its static pause program; nsenter
   )
 fi
 missing=()

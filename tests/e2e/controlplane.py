@@ -38,7 +38,7 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
-BINARIES = (*CONTROL_PLANE, "kubectl", "helm")  # what build-tools.sh builds
+BINARIES = (*CONTROL_PLANE, "kubectl", "kubelet", "helm")  # what build-tools.sh builds
 SERVICE_CIDR = "10.96.0.0/16"
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 
@@ -88,6 +88,8 @@ def make_pki(d: Path) -> None:
         "admin": ("/O=system:masters/CN=kipfix-e2e-admin", clientauth),
         "controller-manager": ("/CN=system:kube-controller-manager", clientauth),
         "scheduler": ("/CN=system:kube-scheduler", clientauth),
+        # the apiserver's client certificate towards kubelets (exec, logs)
+        "apiserver-kubelet-client": ("/O=system:masters/CN=kube-apiserver-kubelet-client", clientauth),
     }
     for name, (subj, extfile) in certs.items():
         _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key",
@@ -238,6 +240,10 @@ class ControlPlane:
             "--enable-admission-plugins", "NodeRestriction",
             "--allow-privileged=true",
             "--endpoint-reconciler-type", "none",  # loopback is no valid endpoint IP
+            # a real kubelet (realnode.py) serves exec/logs on its node's InternalIP
+            "--kubelet-client-certificate", str(d / "apiserver-kubelet-client.crt"),
+            "--kubelet-client-key", str(d / "apiserver-kubelet-client.key"),
+            "--kubelet-preferred-address-types", "InternalIP,Hostname",
             "--cert-dir", str(d / "apiserver-certs"),
             "--profiling=false", "--v=1",
         ])
