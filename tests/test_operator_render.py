@@ -253,3 +253,15 @@ def test_pod_selections_render_into_the_agent_config_and_merge():
     bad = body(interfaces={"pods": {"podSelector": {"matchExpressions": [{"key": "app", "operator": "Has"}]}}})
     with pytest.raises(SpecError, match=r"spec.interfaces.pods.podSelector.matchExpressions\[0\].operator: 'Has'"):
         parse_exporter(bad)
+
+
+def test_agent_warnings_are_listed_but_leave_the_node_ready():
+    now = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
+    warning = "pods[0]: pods (podSelector {'matchLabels': {'app': 'web'}}) interfaces eth0 matches no running pod"
+    report = status.parse_lease(_lease("n1", "2026-01-01T11:59:55.000000Z", configHash="h1", warnings=[warning]))
+    outcome = status.ExporterOutcome(name="a", generation=1, targeted=["n1"], configured=["n1"])
+    result = status.exporter_status(outcome, {"n1": "h1"}, {"n1": report}, None, now)
+    assert result["nodesReady"] == 1
+    assert result["nodeErrors"] == [{"node": "n1", "reason": "AgentWarning", "message": f"node n1: {warning}"}]
+    ready, degraded = result["conditions"]
+    assert (ready["status"], degraded["status"], degraded["reason"]) == ("True", "True", "AgentWarning")

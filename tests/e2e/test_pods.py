@@ -43,6 +43,7 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 KIPFIX = str(Path(sys.executable).with_name("kipfix"))
 BRIDGE_IP = "10.78.0.1"
+REMOTE_IP = "10.78.200.9"  # a pod on another node
 EGRESS, INGRESS = 1, 0
 FORCED_END = 4
 TEMPLATE = ["sourceIPv4Address", "destinationIPv4Address", "protocolIdentifier", "flowDirection",
@@ -222,6 +223,8 @@ class PodNode:
             for pod in self.pods:
                 pod.delete()
             sh("ip", "netns", "del", self.ns, check=False)
+            with contextlib.suppress(ApiException):
+                self.core.delete_namespaced_pod("remote", "kxpods-b", grace_period_seconds=0)
             sh("rm", "-rf", self.pin_path, check=False)
             with contextlib.suppress(Exception):
                 self.core.delete_namespaced_config_map(configmap_name(self.node), NAMESPACE)
@@ -297,6 +300,22 @@ def test_pods_are_metered_named_deduplicated_and_reported(podnode):
     assert podnode.metric("pods_metered", '{state="metered"}') == 3
     assert podnode.metric("pods_metered", '{state="netns_not_found"}') == 1
 
+    # A pod on another node: named through the cluster-wide pod watch (its address answers on br0).
+    podnode.nodes.add(f"{podnode.node}-b")
+    podnode.core.create_namespaced_pod("kxpods-b", {
+        "metadata": {"name": "remote"},
+        "spec": {"nodeName": f"{podnode.node}-b", "containers": [{"name": "c", "image": "kipfix.invalid/none"}]}})
+    podnode.core.patch_namespaced_pod_status("remote", "kxpods-b", {"status": {
+        "phase": "Running", "podIP": REMOTE_IP, "podIPs": [{"ip": REMOTE_IP}]}})
+    sh("ip", "-n", podnode.ns, "addr", "add", f"{REMOTE_IP}/32", "dev", "br0")
+    time.sleep(1)  # the watch event reaches the agent's index
+    web_a.ping(REMOTE_IP, 4)
+    remote = dict(sourcePodName="web-a", destinationPodName="remote", destinationPodNamespace="kxpods-b",
+                  destinationNodeName=f"{podnode.node}-b", interfaceName="eth0", flowDirection=EGRESS)
+    got = wait_for(lambda: (lambda t: t if t[0] >= 4 else None)(icmp_totals(podnode.collector, **remote)),
+                   "web-a's pings to the pod on the other node, named", timeout=30)
+    assert got == (4, 336)
+
     web_a.ping(web_b.ip, 5, size=100)  # 5 x 128 octets each way
     db.ping(web_b.ip, 3)               # 3 x 84 octets each way
     names = {"sourcePodName": "web-a", "sourcePodNamespace": "kxpods-a", "sourceNodeName": podnode.node,
@@ -317,9 +336,9 @@ def test_pods_are_metered_named_deduplicated_and_reported(podnode):
     for veth in (web_a.host_veth, web_b.host_veth):
         assert icmp_totals(podnode.collector, interfaceName=veth, sourcePodName="web-a") == (0, 0)
         assert icmp_totals(podnode.collector, interfaceName=veth, destinationPodName="web-a") == (0, 0)
-    # ...and the agent counted what it left out: web-a's 10 packets on its veth, web-b's 10 + db's 3 replies
-    # and requests on web-b's veth = 5+5 + 5+5 + 3+3 packets.
-    assert wait_for(lambda: podnode.metric("deduplicated_packets_total") == 26, "26 deduplicated packets", timeout=10)
+    # ...and the agent counted what it left out: on web-a's veth its 4+4 packets with the remote pod and
+    # 5+5 with web-b; on web-b's veth 5+5 with web-a and 3+3 with db: 34 packets.
+    assert wait_for(lambda: podnode.metric("deduplicated_packets_total") == 34, "34 deduplicated packets", timeout=10)
 
     # The earlier flows ended idle (timeouts.idle 5 s); new ones are cut short by web-b's deletion.
     web_a.ping(web_b.ip, 2)
