@@ -16,10 +16,8 @@ loopback.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -38,6 +36,7 @@ from kipfix.agent.ipfix.collector import Collector
 from kipfix.agent.kube import CONFIG_KEY, configmap_name, lease_name
 from kipfix.operator.rbac import AGENT_RULES
 from test_operator import NAMESPACE, _free_port, _rbac_objects, install_crds, wait_for
+from test_user_flow import run as sh
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -50,13 +49,6 @@ TEMPLATE = ["sourceIPv4Address", "destinationIPv4Address", "protocolIdentifier",
             "packetDeltaCount", "octetDeltaCount", "flowEndReason", "interfaceName",
             "sourcePodName", "sourcePodNamespace", "sourceNodeName", "destinationPodName",
             "destinationPodNamespace", "destinationNodeName"]
-
-
-def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(list(args), capture_output=True, text=True, timeout=60)
-    if check and result.returncode:
-        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}): {result.stdout}{result.stderr}")
-    return result
 
 
 class FakePod:
@@ -281,7 +273,7 @@ def test_pods_are_metered_named_deduplicated_and_reported(podnode):
     web_a = podnode.add_pod("kxpods-a", "web-a", {"app": "web"}, 10, named=True)
     web_b = podnode.add_pod("kxpods-b", "web-b", {"app": "web"}, 11, named=False)
     db = podnode.add_pod("kxpods-a", "db", {"app": "db"}, 12, named=True)  # not selected
-    odd = podnode.add_pod("kxpods-b", "web-odd", {"app": "web"}, 13, named=True, ifname="net1")
+    podnode.add_pod("kxpods-b", "web-odd", {"app": "web"}, 13, named=True, ifname="net1")
     lost = podnode.add_pod("kxpods-b", "web-lost", {"app": "web"}, 14, sandbox=False)  # no netns has its IP
 
     for pod in (web_a, web_b):
