@@ -8,9 +8,9 @@ kubelet's ports never reach the host's network:
     root netns                          node netns kxrn-<id>
     kube-apiserver 127.0.0.1:P  <----   forwarder 10.96.0.1:443 (on lo; the
                                           thread's socket is made in the netns)
-    10.253.0.1/30 kxrn<id>h  ------- eth0 10.253.0.2/30  kubelet :10250
-    (collectors listen here)             containerd, CNI bridge kxcni0 10.254.0.1/24
-                                                |-- pod veths (10.254.0.0/24)
+    10.253.x.y+1/30 kxrn<id>h ---- eth0 10.253.x.y+2/30  kubelet :10250
+    (collectors listen here)             containerd, CNI bridge kxcni0 10.254.z.1/24
+                                                |-- pod veths (10.254.z.0/24)
 
 - Pods (and hostNetwork pods, and the kubelet itself) reach the API server
   at 10.96.0.1:443, the `kubernetes` Service's ClusterIP, which every pod
@@ -19,7 +19,8 @@ kubelet's ports never reach the host's network:
   there relays to the API server on 127.0.0.1. The serving certificate
   already names 10.96.0.1, so TLS verifies as in any cluster.
 - The API server reaches the kubelet (exec, logs) at the node's InternalIP
-  10.253.0.2, through the veth.
+  (the node end of the veth; a /30 of 10.253.0.0/16 chosen by the run id, so
+  two test sessions on one machine do not collide).
 - containerd runs with its own root, state, socket and config in the
   node's temporary directory; pod netns files are mounted under its state
   dir (netns_mounts_under_state_dir), the sandbox image is a locally built
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import ipaddress
 import json
 import os
 import shutil
@@ -62,9 +64,8 @@ from controlplane import ControlPlane, ControlPlaneError, _die_with_parent, _ope
 REPO = Path(__file__).resolve().parents[2]
 BUILD_IMAGES = Path(__file__).resolve().parent / "build-node-images.sh"
 API_SERVICE_IP = "10.96.0.1"     # the `kubernetes` Service ClusterIP (first of SERVICE_CIDR)
-HOST_SIDE_IP = "10.253.0.1"      # root netns end of the node's veth
-NODE_IP = "10.253.0.2"           # the node's InternalIP (node netns end)
-POD_SUBNET = "10.254.0.0/24"
+UPLINK_NET = "10.253.0.0/16"     # one /30 of it per node (run id): root netns end .1, node end .2
+POD_NET = "10.254.0.0/16"        # one /24 of it per node (run id) for its pods
 CNI_BIN_DIR = "/usr/lib/cni"     # Debian containernetworking-plugins
 CNI_PLUGINS = ("bridge", "host-local", "loopback")
 
@@ -235,6 +236,9 @@ class RealNode:
         self.host_if = f"kxrn{self.run_id}h"
         self.cgroup_root = f"/kipfix-e2e-{self.run_id}"
         self.cni_network = f"kipfix-e2e-{self.run_id}"
+        uplink = list(ipaddress.ip_network(UPLINK_NET).subnets(new_prefix=30))[int(self.run_id, 16) % 16384]
+        self.host_side_ip, self.node_ip = str(uplink[1]), str(uplink[2])  # root netns end, InternalIP
+        self.pod_subnet = str(list(ipaddress.ip_network(POD_NET).subnets(new_prefix=24))[int(self.run_id, 16) % 256])
         self.dir: Path | None = None
         self.procs: dict[str, subprocess.Popen] = {}
         self.forwarder: NetnsForwarder | None = None
@@ -289,7 +293,8 @@ class RealNode:
         # and the host's / is private here.
         self._new_run_dirs = [Path(p) for p in ("/run/containerd/s", "/run/containerd/fifo",
                                                  "/run/containerd/runc/k8s.io", "/run/containerd/runc",
-                                                 "/run/containerd") if not os.path.exists(p)]
+                                                 "/run/containerd", "/var/lib/cni/results", "/var/lib/cni")
+                               if not os.path.exists(p)]
         self.dir = Path(tempfile.mkdtemp(prefix=f"kipfix-rn-{self.run_id}-"))
         self._undo.append(self._remove_dir)
         run("mount", "--bind", self.dir, self.dir)
@@ -317,14 +322,14 @@ class RealNode:
         self._undo.append(lambda: run("ip", "netns", "del", self.netns, check=False))
         self._undo.append(lambda: run("ip", "link", "del", self.host_if, check=False))
         run("ip", "link", "add", self.host_if, "type", "veth", "peer", "name", "eth0", "netns", self.netns)
-        run("ip", "addr", "add", f"{HOST_SIDE_IP}/30", "dev", self.host_if)
+        run("ip", "addr", "add", f"{self.host_side_ip}/30", "dev", self.host_if)
         run("ip", "link", "set", self.host_if, "up")
-        run("ip", "-n", self.netns, "addr", "add", f"{NODE_IP}/30", "dev", "eth0")
+        run("ip", "-n", self.netns, "addr", "add", f"{self.node_ip}/30", "dev", "eth0")
         run("ip", "-n", self.netns, "link", "set", "eth0", "up")
         run("ip", "-n", self.netns, "link", "set", "lo", "up")
         run("ip", "-n", self.netns, "addr", "add", f"{API_SERVICE_IP}/32", "dev", "lo")
         # the kubelet and cadvisor expect a default route; nothing is sent along it
-        run("ip", "-n", self.netns, "route", "add", "default", "via", HOST_SIDE_IP)
+        run("ip", "-n", self.netns, "route", "add", "default", "via", self.host_side_ip)
         api_port = int(self.controlplane.server.rsplit(":", 1)[1])
         self.forwarder = NetnsForwarder(self.netns_path, API_SERVICE_IP, 443, ("127.0.0.1", api_port))
         self._undo.append(self.forwarder.close)
@@ -387,7 +392,7 @@ class RealNode:
                 "type": "bridge", "bridge": "kxcni0", "isGateway": True, "ipMasq": False,
                 "hairpinMode": True,
                 "ipam": {"type": "host-local", "dataDir": str(d / "cni" / "ipam"),
-                         "ranges": [[{"subnet": POD_SUBNET}]], "routes": [{"dst": "0.0.0.0/0"}]},
+                         "ranges": [[{"subnet": self.pod_subnet}]], "routes": [{"dst": "0.0.0.0/0"}]},
             }],
         }
         (d / "cni" / "net.d" / "10-kipfix-e2e.conflist").write_text(json.dumps(cni, indent=2))
@@ -467,7 +472,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
                                       cert=pki / "node.crt", key=pki / "node.key")
         kubelet_config = {
             "apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "KubeletConfiguration",
-            "address": NODE_IP, "port": 10250, "readOnlyPort": 0,
+            "address": self.node_ip, "port": 10250, "readOnlyPort": 0,
             "healthzBindAddress": "127.0.0.1", "healthzPort": 10248,
             # the API server's client certificate (CA-signed) is the only caller
             "authentication": {"anonymous": {"enabled": False}, "webhook": {"enabled": False},
@@ -497,7 +502,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             str(cp.binary("kubelet")),
             "--config", str(d / "kubelet.yaml"), "--kubeconfig", str(kubeconfig),
             "--root-dir", str(d / "kubelet"), "--cert-dir", str(pki),
-            "--hostname-override", self.name, "--node-ip", NODE_IP, *labels, "--v", "2"))
+            "--hostname-override", self.name, "--node-ip", self.node_ip, *labels, "--v", "2"))
 
     def _save_sysctls(self) -> None:
         for key in KUBELET_SYSCTLS:
@@ -593,7 +598,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
                 self.ctr("containers", "delete", container, check=False, timeout=30)
         self._stop_proc("containerd")
         deadline = time.monotonic() + 10
-        while (pids := self._shim_pids()) and time.monotonic() < deadline:
+        while self._shim_pids() and time.monotonic() < deadline:
             time.sleep(0.2)
         for pid in self._shim_pids():
             with contextlib.suppress(ProcessLookupError):

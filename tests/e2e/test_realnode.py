@@ -7,8 +7,8 @@ the operator Deployment and the agent DaemonSet as real pods on that node.
 A FlowExporter selects the pods of two test namespaces; a pod in
 kipfix-e2e-a pings a pod in kipfix-e2e-b (``kubectl exec``, so the API
 server -> kubelet -> containerd streaming path is real too), and the test's
-collector (``kipfix collect --json``, listening on the node's uplink peer
-address in the root netns) must receive flows naming both pods and their
+collector (``kipfix collect --json``, listening on the root netns end of
+the node's veth) must receive flows naming both pods and their
 namespaces, with exactly the packets and octets ping reports on each pod's
 eth0, each way.
 """
@@ -28,8 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from controlplane import default_bin_dir
-from realnode import HOST_SIDE_IP, RealNode, build_images, missing_prerequisites
+from realnode import RealNode, build_images, missing_prerequisites
 from test_operator import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,8 +67,7 @@ def _free_port(host: str) -> int:
 def real_node(cluster):
     if not cluster.own:
         pytest.skip("the real node joins the session's own control plane (not an existing cluster)")
-    missing = missing_prerequisites(Path(cluster.bin["kubectl"]).parent if "kubectl" in cluster.bin
-                                    else default_bin_dir())
+    missing = missing_prerequisites(cluster.controlplane.bin_dir)
     if missing:
         pytest.skip("real node prerequisites missing: " + "; ".join(missing)
                     + " (scripts/install.sh --test installs them)")
@@ -148,7 +146,7 @@ def test_realnode_chart_pods_export_pod_traffic(cluster, real_node, tmp_path):
     kipfix_image = node.images["kipfix"][0]
     traffic_image = node.images["traffic"][0]
     repository, tag = kipfix_image.rsplit(":", 1)
-    collector = Collector(HOST_SIDE_IP, tmp_path)
+    collector = Collector(node.host_side_ip, tmp_path)
     values = tmp_path / "values.yaml"
     values.write_text(yaml.safe_dump({
         "image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
@@ -190,7 +188,7 @@ def test_realnode_chart_pods_export_pod_traffic(cluster, real_node, tmp_path):
         a = wait_for(lambda: pod_ready(cluster, NS_A, "app=pinger"), "the pinger pod", timeout=120, interval=1)
         b = wait_for(lambda: pod_ready(cluster, NS_B, "app=target"), "the target pod", timeout=120, interval=1)
         a_ip, b_ip = a["status"]["podIP"], b["status"]["podIP"]
-        assert ipaddress.ip_address(a_ip) in ipaddress.ip_network("10.254.0.0/24")
+        assert ipaddress.ip_address(a_ip) in ipaddress.ip_network(node.pod_subnet)
 
         # -- the FlowExporter: pods of the two namespaces, to the test's collector --------------
         fe = {
@@ -216,8 +214,9 @@ def test_realnode_chart_pods_export_pod_traffic(cluster, real_node, tmp_path):
         def attached():  # the agent says it metered both pods' eth0
             log = cluster.kubectl("logs", "-n", NAMESPACE, "-l", "app.kubernetes.io/component=agent",
                                   "--tail", "-1", check=False).stdout
-            return all(name in log for name in (f"{NS_A}/{a['metadata']['name']}", f"{NS_B}/target")) and log
-        with contextlib.suppress(AssertionError):
+            return all(f"pod {label}: network namespace" in log
+                       for label in (f"{NS_A}/{a['metadata']['name']}", f"{NS_B}/target")) and log
+        with contextlib.suppress(AssertionError):  # only a log line: the flows below are the proof
             wait_for(attached, "the agent to attach to both pods", timeout=60, interval=1)
         time.sleep(2)
 
@@ -263,6 +262,7 @@ def test_realnode_chart_pods_export_pod_traffic(cluster, real_node, tmp_path):
         time.sleep(3)  # nothing more may arrive
         got = totals()
         assert got == {k: (n, n * octets) for k, n in want.items()}, f"packets/octets {got}, ping sent {sent}"
+        print(f"ping {sent}x{PING_SIZE} B {a_ip} -> {b_ip}: (src, dst, direction) -> (packets, octets) {got}")
 
         # -- pod metadata on every record of the pair ------------------------------------------------
         pods_by_ip = {a_ip: (a["metadata"]["name"], NS_A, "pinger", "Deployment"),
@@ -297,3 +297,18 @@ def test_realnode_chart_pods_export_pod_traffic(cluster, real_node, tmp_path):
         for ns in (NS_A, NS_B, NAMESPACE):
             cluster.kubectl("delete", "namespace", ns, "--ignore-not-found", "--wait=true", "--timeout=120s",
                             check=False)
+
+
+@pytest.mark.root
+def test_realnode_failed_start_leaves_nothing(cluster, tmp_path):
+    """A node whose start fails (here: an image archive that does not exist) undoes everything."""
+    if not cluster.own:
+        pytest.skip("the real node joins the session's own control plane (not an existing cluster)")
+    missing = missing_prerequisites(cluster.controlplane.bin_dir)
+    if missing:
+        pytest.skip("real node prerequisites missing: " + "; ".join(missing))
+    node = RealNode(cluster.controlplane, images={"broken": ("localhost/none:1", tmp_path / "missing.tar")})
+    with pytest.raises(Exception, match="missing.tar"):
+        with node:
+            pass
+    assert node.dir is not None and node.leftovers() == []
