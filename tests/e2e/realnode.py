@@ -227,9 +227,10 @@ class RealNode:
     images: dict[str, tuple[str, Path]] = field(default_factory=dict)  # name -> (image, archive)
     labels: dict[str, str] = field(default_factory=dict)
     ready_timeout: float = 180.0
+    run_id: str = ""  # random unless given (reclaim_stale)
 
     def __post_init__(self) -> None:
-        self.run_id = uuid.uuid4().hex[:6]
+        self.run_id = self.run_id or uuid.uuid4().hex[:6]
         self.name = self.name or f"kxrn-{self.run_id}"
         self.netns = f"kxrn-{self.run_id}"
         self.netns_path = f"/run/netns/{self.netns}"
@@ -683,3 +684,50 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         if self._cni_results():
             left.append(f"cni results {self._cni_results()}")
         return left
+
+
+def _node_running(directory: Path) -> bool:
+    """Is a containerd or kubelet of the node in ``directory`` still running?"""
+    needles = (f"{directory}/containerd.toml".encode(), f"{directory}/kubelet.yaml".encode())
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                cmd = (entry / "cmdline").read_bytes()
+                if any(n in cmd for n in needles):
+                    return True
+    return False
+
+
+def reclaim_stale(tmp: Path | None = None) -> list[str]:
+    """Undo real nodes whose test process was killed outright (SIGKILL, power loss).
+
+    The kubelet and containerd die with the test process (PR_SET_PDEATHSIG),
+    but shims, container processes, mounts, the netns, the veth and the
+    cgroup tree stay. A node directory (``kipfix-rn-<id>-*`` in the temp
+    dir) with neither its containerd nor its kubelet running is reclaimed:
+    the same steps as RealNode.stop(), minus the Node object (its control
+    plane is gone) and the sysctls (their old values are unknown).
+    Returns what was reclaimed.
+    """
+    reclaimed = []
+    for directory in sorted((tmp or Path(tempfile.gettempdir())).glob("kipfix-rn-*-*")):
+        run_id = directory.name.split("-")[2]
+        if not directory.is_dir() or len(run_id) != 6 or _node_running(directory):
+            continue
+        node = RealNode(controlplane=None, run_id=run_id)  # type: ignore[arg-type]
+        node.dir = directory
+        for step in (node._stop_containers, node._remove_cgroups,
+                     lambda: run("ip", "link", "del", node.host_if, check=False),
+                     lambda: run("ip", "netns", "del", node.netns, check=False), node._remove_dir):
+            with contextlib.suppress(Exception):
+                step()
+        reclaimed.append(f"{directory}: left {node.leftovers() or 'nothing'}")
+    return reclaimed
+
+
+if __name__ == "__main__":
+    import sys
+    if sys.argv[1:] != ["--reclaim"]:
+        sys.exit("usage: python tests/e2e/realnode.py --reclaim   (undo real nodes of killed test runs)")
+    for line in reclaim_stale():
+        print(line)

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from realnode import RealNode, build_images, missing_prerequisites
+from realnode import RealNode, build_images, missing_prerequisites, reclaim_stale
 from test_operator import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -71,6 +71,8 @@ def real_node(cluster):
     if missing:
         pytest.skip("real node prerequisites missing: " + "; ".join(missing)
                     + " (scripts/install.sh --test installs them)")
+    for line in reclaim_stale():  # nodes of an earlier run that was killed outright
+        print(f"reclaimed {line}")
     t0 = time.monotonic()
     images = build_images()
     built = time.monotonic() - t0
