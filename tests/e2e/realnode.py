@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import ipaddress
 import json
 import os
@@ -247,6 +248,7 @@ class RealNode:
         self.timings: dict[str, float] = {}
         self._undo: list = []  # cleanups, run in reverse
         self._new_run_dirs: list[Path] = []
+        self._shim_sockets: set[Path] = set()
 
     # -- paths -------------------------------------------------------------
 
@@ -583,8 +585,19 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
                     pids.append(int(entry.name))
         return pids
 
+    def _shim_socket_paths(self) -> set[Path]:
+        """The shims' sockets (containerd 1.6 puts them in /run/containerd/s whatever its state dir):
+        sha256 of <containerd socket>/<namespace>/<task id>, for the tasks in the state dir."""
+        tasks = self.dir / "containerd" / "state" / "io.containerd.runtime.v2.task"
+        paths = set()
+        for task in tasks.glob("*/*"):
+            digest = hashlib.sha256(f"{self.containerd_socket}/{task.parent.name}/{task.name}".encode()).hexdigest()
+            paths.add(Path("/run/containerd/s") / digest)
+        return paths
+
     def _stop_containers(self) -> None:
         """Kubelet first (so it restarts nothing), then every task, then containerd and its shims."""
+        self._shim_sockets |= self._shim_socket_paths()
         self._stop_proc("kubelet")
         if "containerd" in self.procs and self.procs["containerd"].poll() is None:
             tasks = self.ctr("tasks", "ls", "-q", check=False).stdout.split()
@@ -607,6 +620,8 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         for pid in self._cgroup_pids():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        for path in self._shim_sockets:  # a shim killed (not exited) leaves its socket
+            path.unlink(missing_ok=True)
 
     # -- teardown -------------------------------------------------------------------------
 
@@ -677,6 +692,8 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             left.append(f"mounts {self._mounts_under_dir()}")
         if self._shim_pids():
             left.append(f"shims {self._shim_pids()}")
+        if any(p.exists() for p in self._shim_sockets):
+            left.append(f"shim sockets {[str(p) for p in self._shim_sockets if p.exists()]}")
         if self._cgroup_dirs():
             left.append(f"cgroups {self._cgroup_dirs()[:3]}")
         if self.dir and self.dir.exists() and not os.environ.get("KIPFIX_E2E_KEEP"):
