@@ -220,9 +220,8 @@ def _make_agent_class():
         """The daemon's Agent, fed by the ConfigMap watch instead of a file, metering pods too."""
 
         def __init__(self, config: AgentConfig, keep_attached: bool = False):
-            from .podmeta import PodIndex
-
             from .dedup import VethDedup
+            from .podmeta import PodIndex
 
             self.pod_metering = None  # PodMetering, from start_pods()
             self.pod_watch = None
