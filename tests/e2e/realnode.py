@@ -40,17 +40,14 @@ the kernel sysctls the kubelet sets (vm.overcommit_memory, kernel.panic,
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import ipaddress
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -61,6 +58,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from controlplane import ControlPlane, ControlPlaneError, _die_with_parent, _openssl, write_kubeconfig
+from forwarder import TcpForwarder
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_IMAGES = Path(__file__).resolve().parent / "build-node-images.sh"
@@ -74,9 +72,6 @@ CNI_PLUGINS = ("bridge", "host-local", "loopback")
 # (setupKernelTunables); RealNode puts the host's values back on exit.
 KUBELET_SYSCTLS = ("vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic", "kernel/panic_on_oops",
                    "kernel/keys/root_maxkeys", "kernel/keys/root_maxbytes")
-
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def missing_prerequisites(bin_dir: Path) -> list[str]:
@@ -117,98 +112,6 @@ def run(*args: str, check: bool = True, timeout: float = 120) -> subprocess.Comp
     return p
 
 
-def _setns(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns({path}): {os.strerror(err)}")
-    finally:
-        os.close(fd)
-
-
-def socket_in_netns(netns_path: str, family=socket.AF_INET, kind=socket.SOCK_STREAM) -> socket.socket:
-    """A socket created inside another network namespace (it stays there).
-
-    setns() changes only the calling thread's netns: a helper thread enters
-    the netns, makes the socket and ends; the socket keeps its namespace.
-    """
-    result: list = []
-
-    def make() -> None:
-        try:
-            _setns(netns_path)
-            result.append(socket.socket(family, kind))
-        except BaseException as e:  # noqa: BLE001 -- re-raised in the caller
-            result.append(e)
-
-    t = threading.Thread(target=make)
-    t.start()
-    t.join()
-    if isinstance(result[0], BaseException):
-        raise result[0]
-    return result[0]
-
-
-class NetnsForwarder:
-    """Listens on ``host:port`` inside a netns, relays each connection to ``target`` (root netns)."""
-
-    def __init__(self, netns_path: str, host: str, port: int, target: tuple[str, int]):
-        self.target = target
-        self.server = socket_in_netns(netns_path)
-        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.server.bind((host, port))
-        self.server.listen(128)
-        self._sockets: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        self._closed = False
-        threading.Thread(target=self._accept, name="node-api-forwarder", daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target, timeout=10)
-                upstream.settimeout(None)
-            except OSError:
-                conn.close()
-                continue
-            with self._lock:
-                if self._closed:
-                    conn.close()
-                    upstream.close()
-                    return
-                self._sockets |= {conn, upstream}
-            for src, dst in ((conn, upstream), (upstream, conn)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_WR)
-            with self._lock:
-                self._sockets.discard(src)
-            with contextlib.suppress(OSError):
-                src.close()
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            sockets = [self.server, *self._sockets]
-        for sock in sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-
-
 def _v1_cgroup_mounts() -> dict[str, Path]:
     """Mounted cgroup hierarchies: name -> mount point (v1 controllers and the v2 'unified')."""
     mounts = {}
@@ -243,7 +146,7 @@ class RealNode:
         self.pod_subnet = str(list(ipaddress.ip_network(POD_NET).subnets(new_prefix=24))[int(self.run_id, 16) % 256])
         self.dir: Path | None = None
         self.procs: dict[str, subprocess.Popen] = {}
-        self.forwarder: NetnsForwarder | None = None
+        self.forwarder: TcpForwarder | None = None
         self.sysctls: dict[str, str] = {}
         self.timings: dict[str, float] = {}
         self._undo: list = []  # cleanups, run in reverse
@@ -334,7 +237,7 @@ class RealNode:
         # the kubelet and cadvisor expect a default route; nothing is sent along it
         run("ip", "-n", self.netns, "route", "add", "default", "via", self.host_side_ip)
         api_port = int(self.controlplane.server.rsplit(":", 1)[1])
-        self.forwarder = NetnsForwarder(self.netns_path, API_SERVICE_IP, 443, ("127.0.0.1", api_port))
+        self.forwarder = TcpForwarder(API_SERVICE_IP, ("127.0.0.1", api_port), port=443, netns_path=self.netns_path)
         self._undo.append(self.forwarder.close)
 
     def nsenter(self, *args: str) -> list[str]:

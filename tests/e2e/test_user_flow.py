@@ -32,10 +32,8 @@ import copy
 import ipaddress
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 import uuid
@@ -48,6 +46,7 @@ from kubernetes.client.rest import ApiException
 
 from kipfix.agent.ipfix.collector import Collector
 from kipfix.agent.kube import CONFIG_KEY, HASH_ANNOTATION, configmap_name, lease_name
+from forwarder import TcpForwarder
 from test_operator import _free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -74,62 +73,6 @@ def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and result.returncode:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}): {result.stdout}{result.stderr}")
     return result
-
-
-class TcpForwarder:
-    """Accepts on ``listen`` (root netns) and relays each connection to ``target`` (127.0.0.1)."""
-
-    def __init__(self, host: str, target: tuple[str, int]):
-        self.target = target
-        self.server = socket.socket()
-        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.server.bind((host, 0))
-        self.server.listen(64)
-        self.port = self.server.getsockname()[1]
-        self._sockets: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        self._closed = False
-        threading.Thread(target=self._accept, name="api-forwarder", daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target, timeout=10)
-                upstream.settimeout(None)
-            except OSError:
-                conn.close()
-                continue
-            with self._lock:
-                if self._closed:
-                    conn.close()
-                    upstream.close()
-                    return
-                self._sockets |= {conn, upstream}
-            for src, dst in ((conn, upstream), (upstream, conn)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            sockets = [self.server, *self._sockets]
-        for sock in sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
 
 
 class NodeNet:
