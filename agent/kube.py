@@ -64,6 +64,9 @@ AGENT_REPORT_COMPONENT = "agent-report"
 SECRET_PREFIX = "secret:"
 LEASE_SECONDS = 30
 RENEW_SECONDS = 10
+# (connect, read) seconds for every API call: a black-holed API server is a logged retry, never a silent hang
+REQUEST_TIMEOUT = (10, 30)
+CONFIG_WATCH_SECONDS = 60
 PIN_PATH_ENV = "KIPFIX_PIN_PATH"  # where the DaemonSet mounts bpffs for kipfix (default /sys/fs/bpf/kipfix)
 SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
@@ -199,11 +202,11 @@ class NodeReporter:
 
         body = self.body()
         try:
-            self.coordination.patch_namespaced_lease(self.name, self.namespace, body)
+            self.coordination.patch_namespaced_lease(self.name, self.namespace, body, _request_timeout=REQUEST_TIMEOUT)
         except ApiException as err:
             if err.status != 404:
                 raise
-            self.coordination.create_namespaced_lease(self.namespace, body)
+            self.coordination.create_namespaced_lease(self.namespace, body, _request_timeout=REQUEST_TIMEOUT)
 
 
 def uses_pod_elements(config: AgentConfig) -> bool:
@@ -381,7 +384,7 @@ class KubernetesMode:
         from kubernetes.client.rest import ApiException
 
         try:
-            secret = self.core.read_namespaced_secret(name, self.namespace)
+            secret = self.core.read_namespaced_secret(name, self.namespace, _request_timeout=REQUEST_TIMEOUT)
         except ApiException as err:
             if err.status == 404:
                 raise KeyError(name) from None
@@ -445,14 +448,16 @@ class KubernetesMode:
         selector = f"metadata.name={name}"
         while not self.stopping.is_set():
             try:
-                listed = self.core.list_namespaced_config_map(self.namespace, field_selector=selector)
+                listed = self.core.list_namespaced_config_map(self.namespace, field_selector=selector,
+                                                              _request_timeout=REQUEST_TIMEOUT)
                 self.on_configmap(listed.items[0] if listed.items else None)
                 version = listed.metadata.resource_version
                 while not self.stopping.is_set():
                     stream = watch.Watch()
                     for event in stream.stream(self.core.list_namespaced_config_map, self.namespace,
                                                field_selector=selector, resource_version=version,
-                                               timeout_seconds=60, allow_watch_bookmarks=True):
+                                               timeout_seconds=CONFIG_WATCH_SECONDS, allow_watch_bookmarks=True,
+                                               _request_timeout=(REQUEST_TIMEOUT[0], CONFIG_WATCH_SECONDS + 30)):
                         obj = event["object"]
                         if event["type"] == "ERROR":
                             code = obj.get("code") if isinstance(obj, dict) else getattr(obj, "code", None)

@@ -22,6 +22,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from .kube import REQUEST_TIMEOUT
 from .podmeta import PodIndex, pod_info
 from .podmetering import PodMetering
 
@@ -60,7 +61,7 @@ class ListWatch:
 
         while not self.stopping.is_set():
             try:
-                listed = self.list_call(**self.kwargs)
+                listed = self.list_call(_request_timeout=REQUEST_TIMEOUT, **self.kwargs)
                 self.on_list([self._dict(item) for item in listed.items])
                 self.synced.set()
                 version = listed.metadata.resource_version
@@ -68,6 +69,7 @@ class ListWatch:
                     self._stream = watch.Watch()
                     for event in self._stream.stream(self.list_call, resource_version=version,
                                                      timeout_seconds=WATCH_SECONDS, allow_watch_bookmarks=True,
+                                                     _request_timeout=(REQUEST_TIMEOUT[0], WATCH_SECONDS + 30),
                                                      **self.kwargs):
                         if self.stopping.is_set():
                             self._stream.stop()
