@@ -5,7 +5,8 @@ alternating order, the same iperf3 test with nothing attached ("off") and
 with kipfix's programs on ingress and egress of both veth ends ("on"):
 
 - TCP throughput (receiver's bits/s),
-- 64-byte UDP packet rate: iperf3 -u -l 18 -b 0, so every IP packet is
+- 64-byte UDP packet rate (also with an empty program on the same hooks):
+  iperf3 -u -l 18 -b 0, so every IP packet is
   46 octets and every frame 60 (+ FCS = 64); the rate is what the receiving
   veth counted (its rx_packets) divided by iperf3's send time.
 
@@ -253,8 +254,8 @@ def main() -> int:
     load_start = f"{os.getloadavg()[0]:.2f}"
     bench = Bench(args)
     tcp = {False: [], True: []}
-    pps = {False: [], True: []}
-    app_pps = {False: [], True: []}
+    pps = {False: [], True: [], "empty": []}
+    app_pps = {False: [], True: [], "empty": []}
     udp_ns, tcp_ns, udp_split, empty_ns = [], [], [], []
     checks = []
     try:
@@ -266,14 +267,15 @@ def main() -> int:
             for on in order:
                 bench.metering(on)
                 tcp[on].append(bench.tcp(args.duration))
-            for on in order:
+            # the empty program next to the pair: what clsact + cls_bpf cost with no work at all
+            for on in (*order, "empty") if rnd % 2 == 0 else ("empty", *order):
                 bench.metering(on)
-                if on:
+                if on is True:
                     bench.meter.drain()
                 wire, app, rx = bench.udp(args.duration)
                 pps[on].append(wire)
                 app_pps[on].append(app)
-                if on:
+                if on is True:
                     checks.append((bench.metered_packets_at_receiver(), rx))
             ing, egr, both, _ = bench.kernel_ns(bench.udp, args.stats_duration)
             udp_ns.append(both)
@@ -296,6 +298,7 @@ def main() -> int:
     tcp_pairs = [on / off for on, off in zip(tcp[True], tcp[False])]
     pps_pairs = [on / off for on, off in zip(pps[True], pps[False])]
     app_pairs = [on / off for on, off in zip(app_pps[True], app_pps[False])]
+    empty_pairs = [empty / off for empty, off in zip(pps["empty"], pps[False])]
     tcp_ratio, pps_ratio, app_ratio = median(tcp_pairs), median(pps_pairs), median(app_pairs)
     ns = median(udp_ns)
     print()
@@ -313,6 +316,9 @@ def main() -> int:
     print(f"  ratio on/off {pps_ratio:.3f} (median of per-round ratios {spread(pps_pairs, '{:.2f}')}; ratio of medians "
           f"{median(pps[True]) / median(pps[False]):.3f})   target >= {TARGET_PPS_RATIO}  "
           f"{verdict(pps_ratio >= TARGET_PPS_RATIO)}{noise(pps[False])}")
+    print(f"  baseline, the empty program on the same hooks: {median(pps['empty']):.1f} kpps "
+          f"{spread(pps['empty'])}, ratio empty/off {median(empty_pairs):.3f} (per round "
+          f"{spread(empty_pairs, '{:.2f}')}): the share of the ratio that is clsact + cls_bpf, not kipfix's work")
     print(f"64-byte UDP rate, read by iperf3 server (kpps)  off {median(app_pps[False]):7.1f}  "
           f"on {median(app_pps[True]):7.1f}  ratio {app_ratio:.3f} (for reference: the server also drops "
           f"what its socket cannot take)")
