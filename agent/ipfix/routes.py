@@ -14,15 +14,13 @@ that entered it (no helper processes).
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import logging
-import os
 import socket
 import threading
 import time
 
-from ..netns import NetnsRef
+from ..netns import run_in_netns
 
 log = logging.getLogger(__name__)
 
@@ -37,45 +35,6 @@ MAX_CACHE = 65536
 RETRY_SECONDS = 10  # how often to retry a namespace that could not be opened
 NO_ROUTE4 = (0, bytes(4))
 NO_ROUTE6 = (0, bytes(16))
-
-
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _in_netns(netns: str, factory):
-    """Call ``factory()`` in network namespace ``netns`` ("" = ours), and return its result.
-
-    Sockets keep the namespace they were made in, so a short-lived thread
-    enters the namespace (setns affects only the calling thread), creates
-    them and ends; the sockets then work from any thread, with no helper
-    process.
-    """
-    ref = NetnsRef.parse(netns)
-    if ref.is_host:
-        return factory()
-    path = ref.path
-    result: dict = {}
-
-    def work() -> None:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns {path}: {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            result["value"] = factory()
-        except BaseException as err:  # noqa: BLE001 - handed to the caller
-            result["error"] = err
-
-    thread = threading.Thread(target=work, name=f"netns {netns}")
-    thread.start()
-    thread.join()
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
 
 
 def _route_monitor() -> socket.socket:
@@ -122,8 +81,8 @@ class _Namespace:
         self.netns = netns
         self.on_change = on_change
         self.lock = threading.Lock()
-        self.ipr = _in_netns(netns, IPRoute)
-        self.monitor = _in_netns(netns, _route_monitor)
+        self.ipr = run_in_netns(netns, IPRoute)
+        self.monitor = run_in_netns(netns, _route_monitor)
         self.cache: dict[bytes, tuple[int, bytes]] = {}
         self.tables: dict[tuple[int, int], list] = {}  # (family, table) -> [(network, prefixlen, gateway)]
         self.indexes: dict[int, _PrefixIndex | None] = {}  # family -> index; None: policy routing in use

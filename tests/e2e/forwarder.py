@@ -1,52 +1,16 @@
 """A TCP relay for e2e tests: the API server listens on loopback, agents reach it from other netns.
 
-The listening socket may live in any network namespace (``socket_in_netns``);
-each accepted connection is relayed to ``target`` in the netns that made the
-relay's upstream sockets (the test's own, the root netns).
+The listening socket may live in any network namespace (made there by a
+thread that entered it); each accepted connection is relayed to ``target``
+from the test's own netns.
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import os
 import socket
 import threading
 
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns({path}): {os.strerror(err)}")
-    finally:
-        os.close(fd)
-
-
-def socket_in_netns(netns_path: str, family=socket.AF_INET, kind=socket.SOCK_STREAM) -> socket.socket:
-    """A socket created inside another network namespace (it stays there).
-
-    setns() changes only the calling thread's netns: a helper thread enters
-    the netns, makes the socket and ends; the socket keeps its namespace.
-    """
-    result: list = []
-
-    def make() -> None:
-        try:
-            _setns(netns_path)
-            result.append(socket.socket(family, kind))
-        except BaseException as e:  # noqa: BLE001 -- re-raised in the caller
-            result.append(e)
-
-    t = threading.Thread(target=make)
-    t.start()
-    t.join()
-    if isinstance(result[0], BaseException):
-        raise result[0]
-    return result[0]
+from kipfix.agent.netns import run_in_netns
 
 
 class TcpForwarder:
@@ -54,7 +18,7 @@ class TcpForwarder:
 
     def __init__(self, host: str, target: tuple[str, int], port: int = 0, netns_path: str | None = None):
         self.target = target
-        self.server = socket_in_netns(netns_path) if netns_path else socket.socket()
+        self.server = run_in_netns(netns_path or "host", socket.socket)
         self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.server.bind((host, port))
         self.server.listen(128)
