@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import threading
 
 from kipfix.agent.config import CollectorConfig, TemplateConfig
 from kipfix.agent.ipfix.collector import Collector
@@ -10,6 +11,7 @@ from kipfix.agent.ipfix.decoder import TemplateStore, decode_message
 from kipfix.agent.ipfix.dummy import MINIMAL_TEMPLATE, dummy_records
 from kipfix.agent.ipfix.exporter import IpfixExporter
 from kipfix.agent.ipfix.session import ExportSession
+from kipfix.agent.ipfix.transport import UdpTransport
 from kipfix.agent.ipfix.template import Template, compile_value_packer
 from kipfix.agent.ipfix.infomodel import lookup
 from kipfix.agent.sink import MeteringStats
@@ -126,3 +128,41 @@ def test_templates_sent_first_and_every_n_messages():
     store = TemplateStore()
     for item in collector.received:
         assert not decode_message(item.raw, store, "peer").unknown_sets
+
+
+def test_interfaces_reported_while_options_are_sent_still_precede_the_flows():
+    """export() with new interfaces while the sender is sending the previous options: the interface
+    table is sent again before the flows that use it, not only at close."""
+    collector = Collector(out=None, err=None).start()
+    sends = []
+    gate, blocked = threading.Event(), threading.Event()
+
+    class GatedUdp(UdpTransport):
+        def send(self, message: bytes) -> None:
+            sends.append(message)
+            if len(sends) == 2:  # the first options message, its statistics already read
+                blocked.set()
+                gate.wait(10)
+            super().send(message)
+
+    config = CollectorConfig(f"127.0.0.1:{collector.port}", "127.0.0.1", collector.port, "udp")
+    try:
+        exporter = IpfixExporter([config], (TemplateConfig(256, MINIMAL_TEMPLATE),), observation_domain_id=9,
+                                 transport_factory=lambda c: GatedUdp(c.host, c.port))
+        assert blocked.wait(10)
+        exporter.export(dummy_records(3), MeteringStats(interfaces=((7, "eth7"),)))
+        gate.set()
+        assert collector.wait_for(lambda c: c.data_records >= 3, 10)
+        exporter.close(10)
+    finally:
+        gate.set()
+        collector.stop()
+    order = []
+    for message in collector.messages():
+        for record in message.records:
+            if record.scope[:1] == ("ingressInterface",):
+                order.append(("interface", record.values["interfaceName"]))
+            elif not record.scope:
+                order.append(("flow", None))
+    assert ("interface", "eth7") in order
+    assert order.index(("interface", "eth7")) < order.index(("flow", None)), order

@@ -204,12 +204,20 @@ class CollectorSession:
         self._need_templates = False
 
     def _send_options(self) -> None:
+        # Cleared before the statistics are read: a report_options() from now on (new interfaces
+        # while this sends) asks for another round instead of being lost when this one ends.
+        with self._cond:
+            self._options_due = False
         now = time.time()
         groups = self.options.groups(self.stats(), self.counters, int(now * 1000))
-        for packed in self.session.data_messages(groups, int(now)):
-            self._send(packed.message)
-            self.counters.records += packed.records
-        self._options_due = False
+        try:
+            for packed in self.session.data_messages(groups, int(now)):
+                self._send(packed.message)
+                self.counters.records += packed.records
+        except BaseException:
+            with self._cond:
+                self._options_due = True  # not sent: the next round tries again
+            raise
         self._last_refresh = time.monotonic()
 
     def _send_pending(self) -> None:
