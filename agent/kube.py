@@ -64,8 +64,7 @@ AGENT_REPORT_COMPONENT = "agent-report"
 SECRET_PREFIX = "secret:"
 LEASE_SECONDS = 30
 RENEW_SECONDS = 10
-# (connect, read) seconds for every API call: a black-holed API server is a logged retry, never a silent hang
-REQUEST_TIMEOUT = (10, 30)
+REQUEST_TIMEOUT = (10, 30)  # (connect, read) seconds of every API call (api_client)
 CONFIG_WATCH_SECONDS = 60
 PIN_PATH_ENV = "KIPFIX_PIN_PATH"  # where the DaemonSet mounts bpffs for kipfix (default /sys/fs/bpf/kipfix)
 SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
@@ -160,15 +159,31 @@ def resolve_secret_files(doc: Any, read_secret: Callable[[str], dict[str, bytes]
     return out
 
 
+def api_client(configuration: Any = None):
+    """A kubernetes ApiClient whose calls time out (REQUEST_TIMEOUT) unless they name their own timeout.
+
+    The client's default is no timeout at all, so a black-holed API server would hang a call
+    silently for minutes; here every call of the agent and the operator gets one, in one place.
+    Watches pass their own (longer than their server-side timeout).
+    """
+    from kubernetes import client
+
+    class TimeoutApiClient(client.ApiClient):
+        def request(self, *args: Any, _request_timeout: Any = None, **kwargs: Any):
+            return super().request(*args, _request_timeout=_request_timeout or REQUEST_TIMEOUT, **kwargs)
+
+    return TimeoutApiClient(configuration)
+
+
 def load_kube_config():
     """An API client from the pod's service account, or else the kubeconfig (KUBECONFIG)."""
-    from kubernetes import client, config
+    from kubernetes import config
 
     try:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
-    return client.ApiClient()
+    return api_client()
 
 
 class NodeReporter:
@@ -202,11 +217,11 @@ class NodeReporter:
 
         body = self.body()
         try:
-            self.coordination.patch_namespaced_lease(self.name, self.namespace, body, _request_timeout=REQUEST_TIMEOUT)
+            self.coordination.patch_namespaced_lease(self.name, self.namespace, body)
         except ApiException as err:
             if err.status != 404:
                 raise
-            self.coordination.create_namespaced_lease(self.namespace, body, _request_timeout=REQUEST_TIMEOUT)
+            self.coordination.create_namespaced_lease(self.namespace, body)
 
 
 def uses_pod_elements(config: AgentConfig) -> bool:
@@ -384,7 +399,7 @@ class KubernetesMode:
         from kubernetes.client.rest import ApiException
 
         try:
-            secret = self.core.read_namespaced_secret(name, self.namespace, _request_timeout=REQUEST_TIMEOUT)
+            secret = self.core.read_namespaced_secret(name, self.namespace)
         except ApiException as err:
             if err.status == 404:
                 raise KeyError(name) from None
@@ -448,8 +463,7 @@ class KubernetesMode:
         selector = f"metadata.name={name}"
         while not self.stopping.is_set():
             try:
-                listed = self.core.list_namespaced_config_map(self.namespace, field_selector=selector,
-                                                              _request_timeout=REQUEST_TIMEOUT)
+                listed = self.core.list_namespaced_config_map(self.namespace, field_selector=selector)
                 self.on_configmap(listed.items[0] if listed.items else None)
                 version = listed.metadata.resource_version
                 while not self.stopping.is_set():

@@ -61,7 +61,7 @@ class ListWatch:
 
         while not self.stopping.is_set():
             try:
-                listed = self.list_call(_request_timeout=REQUEST_TIMEOUT, **self.kwargs)
+                listed = self.list_call(**self.kwargs)
                 self.on_list([self._dict(item) for item in listed.items])
                 self.synced.set()
                 version = listed.metadata.resource_version

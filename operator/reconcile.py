@@ -30,8 +30,8 @@ from typing import Any
 from kubernetes.client.rest import ApiException
 
 from kipfix.agent.kube import (AGENT_REPORT_COMPONENT, COMPONENT_LABEL, CONFIG_KEY, HASH_ANNOTATION,
-                               NAME_LABEL, NODE_ANNOTATION, NODE_CONFIG_COMPONENT, REQUEST_TIMEOUT, SOURCES_ANNOTATION,
-                               configmap_name)
+                               NAME_LABEL, NODE_ANNOTATION, NODE_CONFIG_COMPONENT, SOURCES_ANNOTATION,
+                               api_client, configmap_name)
 
 from . import render, status
 from .spec import Exporter, SpecError, parse_exporter
@@ -108,7 +108,7 @@ class Reconciler:
         from kubernetes import client
 
         self.namespace = namespace
-        self.api = api or client.ApiClient()
+        self.api = api or api_client()
         self.core = client.CoreV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
         self.coordination = client.CoordinationV1Api(self.api)
@@ -122,17 +122,14 @@ class Reconciler:
     # -- reads ------------------------------------------------------------------------
 
     def _exporters(self) -> list[dict]:
-        items = self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL,
-                                                       _request_timeout=REQUEST_TIMEOUT)["items"]
+        items = self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]
         return [fe for fe in items if not fe["metadata"].get("deletionTimestamp")]
 
     def _nodes(self) -> dict[str, dict]:
-        nodes = self.core.list_node(_request_timeout=REQUEST_TIMEOUT).items
-        return {n.metadata.name: dict(n.metadata.labels or {}) for n in nodes}
+        return {n.metadata.name: dict(n.metadata.labels or {}) for n in self.core.list_node().items}
 
     def _reports(self) -> dict[str, status.NodeReport]:
-        leases = self.coordination.list_namespaced_lease(self.namespace, label_selector=AGENT_REPORT_SELECTOR,
-                                                         _request_timeout=REQUEST_TIMEOUT)
+        leases = self.coordination.list_namespaced_lease(self.namespace, label_selector=AGENT_REPORT_SELECTOR)
         reports = {}
         for lease in leases.items:
             report = status.parse_lease(self.api.sanitize_for_serialization(lease))
@@ -190,31 +187,29 @@ class Reconciler:
             return
         with _gone_is_fine():  # deleted meanwhile
             self.custom.patch_cluster_custom_object(GROUP, VERSION, PLURAL, body["metadata"]["name"],
-                                                    {"metadata": {"annotations": {LAST_VALID_ANNOTATION: text}}},
-                                                    _request_timeout=REQUEST_TIMEOUT)
+                                                    {"metadata": {"annotations": {LAST_VALID_ANNOTATION: text}}})
 
     def _write_configmaps(self, plan: render.Plan) -> None:
         existing = {cm.metadata.name: cm for cm in self.core.list_namespaced_config_map(
-            self.namespace, label_selector=NODE_CONFIG_SELECTOR, _request_timeout=REQUEST_TIMEOUT).items}
+            self.namespace, label_selector=NODE_CONFIG_SELECTOR).items}
         for node, config in plan.nodes.items():
             desired = configmap_body(config, self.namespace)
             name = desired["metadata"]["name"]
             current = existing.pop(name, None)
             if current is None:
-                self.core.create_namespaced_config_map(self.namespace, desired, _request_timeout=REQUEST_TIMEOUT)
+                self.core.create_namespaced_config_map(self.namespace, desired)
                 log.info("node %s: created ConfigMap %s (config %s from %s)", node, name, config.hash,
                          ", ".join(o.name for o in config.owners))
             elif not _same_configmap(current, desired):
                 try:
                     self.core.replace_namespaced_config_map(
                         name, self.namespace, {**desired, "metadata": {
-                            **desired["metadata"], "resourceVersion": current.metadata.resource_version}},
-                        _request_timeout=REQUEST_TIMEOUT)
+                            **desired["metadata"], "resourceVersion": current.metadata.resource_version}})
                 except ApiException as err:
                     if err.status != 404:
                         raise
                     # the garbage collector removed it meanwhile (its owners were deleted): create it anew
-                    self.core.create_namespaced_config_map(self.namespace, desired, _request_timeout=REQUEST_TIMEOUT)
+                    self.core.create_namespaced_config_map(self.namespace, desired)
                 log.info("node %s: updated ConfigMap %s (config %s from %s)", node, name, config.hash,
                          ", ".join(o.name for o in config.owners))
             else:
@@ -222,7 +217,7 @@ class Reconciler:
             self.writes += 1
         for name, current in existing.items():
             with _gone_is_fine():  # the garbage collector may have been first
-                self.core.delete_namespaced_config_map(name, self.namespace, _request_timeout=REQUEST_TIMEOUT)
+                self.core.delete_namespaced_config_map(name, self.namespace)
             self.writes += 1
             log.info("node %s: no FlowExporter selects it any more; deleted ConfigMap %s",
                      (current.metadata.annotations or {}).get(NODE_ANNOTATION, "?"), name)
@@ -239,7 +234,6 @@ class Reconciler:
             if all(_comparable(old.get(k)) == _comparable(v) for k, v in new.items()):
                 continue
             with _gone_is_fine():  # deleted meanwhile: nothing to report
-                self.custom.patch_cluster_custom_object_status(GROUP, VERSION, PLURAL, name, {"status": new},
-                                                               _request_timeout=REQUEST_TIMEOUT)
+                self.custom.patch_cluster_custom_object_status(GROUP, VERSION, PLURAL, name, {"status": new})
                 self.writes += 1
         self.last_statuses = computed  # read by the metrics at scrape time

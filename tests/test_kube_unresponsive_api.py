@@ -39,10 +39,11 @@ def silent_server():
 
 
 def _api(port: int) -> client.ApiClient:
+    """The agent's own kind of client (load_kube_config makes it the same way)."""
     configuration = client.Configuration()
     configuration.host = f"https://127.0.0.1:{port}"
     configuration.verify_ssl = False
-    return client.ApiClient(configuration)
+    return kube.api_client(configuration)
 
 
 def _wait_for_records(caplog, text: str, count: int, seconds: float) -> list[str]:

@@ -51,19 +51,19 @@ class FakeCluster:
         return obj
 
     # CustomObjectsApi
-    def list_cluster_custom_object(self, *_args, **_kw):
+    def list_cluster_custom_object(self, *_):
         if self.fail is not None:
             raise self.fail
         return {"items": [json.loads(json.dumps(b)) for b in self.exporters.values()]}
 
-    def patch_cluster_custom_object(self, *_args, **_kw):
+    def patch_cluster_custom_object(self, *_):
         pass
 
-    def patch_cluster_custom_object_status(self, *_args, **_kw):
+    def patch_cluster_custom_object_status(self, *_):
         pass
 
     # CoreV1Api
-    def list_node(self, **_kw):
+    def list_node(self):
         return SimpleNamespace(items=[SimpleNamespace(metadata=SimpleNamespace(name=n, labels=labels))
                                       for n, labels in self.nodes.items()])
 
@@ -75,13 +75,13 @@ class FakeCluster:
                 owner_references=[SimpleNamespace(**r) for r in cm["metadata"]["ownerReferences"]]))
             for cm in self.configmaps.values()])
 
-    def create_namespaced_config_map(self, _namespace, body, **_kw):
+    def create_namespaced_config_map(self, _namespace, body):
         self.configmaps[body["metadata"]["name"]] = body
 
-    def replace_namespaced_config_map(self, name, _namespace, body, **_kw):
+    def replace_namespaced_config_map(self, name, _namespace, body):
         self.configmaps[name] = body
 
-    def delete_namespaced_config_map(self, name, _namespace, **_kw):
+    def delete_namespaced_config_map(self, name, _namespace):
         self.configmaps.pop(name, None)
 
     # CoordinationV1Api
