@@ -18,6 +18,7 @@ log() { printf '[install] %s\n' "$*"; }
 
 debs=(
   python3 python3-venv python3-pip python3-bpfcc libbpfcc   # BCC is only packaged for Debian's python
+  python3-dev gcc libc6-dev                                   # the C data-record encoder (setup.py)
   iproute2 iputils-ping iperf3 ethtool procps                 # namespaces, veths, traffic in tests
   linux-headers-amd64                                         # fallback kernel headers for BCC
   openssl ca-certificates                                     # test CA for the TLS transport
@@ -28,7 +29,7 @@ if [ "$with_tests" = 1 ]; then
     prometheus                                                # real Prometheus and promtool for the metrics tests
     debootstrap buildah runc                                  # build and run the container image in tests
     containerd containernetworking-plugins                    # the e2e real node (tests/e2e/realnode.py)
-    gcc libc6-dev util-linux                                  # its static pause program; nsenter
+    util-linux                                                # nsenter (and gcc for its static pause program)
   )
 fi
 missing=()
@@ -52,8 +53,10 @@ if [ ! -x "$venv/bin/python" ]; then
   # -I: the repository root must not be on sys.path (its operator/ folder is kipfix.operator).
   /usr/bin/python3 -I -m venv --system-site-packages "$venv"
 fi
-# Re-install when the packaging or the package layout changes (the editable finder maps folders).
-layout=$( { cat pyproject.toml; find agent bpf operator -name '__init__.py' | sort; } | sha256sum | cut -c1-16)
+# Re-install when the packaging or the package layout changes (the editable finder maps folders),
+# or the C encoder's source does (an editable install builds it once, in place).
+layout=$( { cat pyproject.toml setup.py agent/ipfix/*.c; find agent bpf operator -name '__init__.py' | sort; } |
+  sha256sum | cut -c1-16)
 stamp="$venv/.installed-$layout"
 if [ ! -f "$stamp" ]; then
   log "installing kipfix and its Python dependencies into the venv"
@@ -64,7 +67,8 @@ if [ ! -f "$stamp" ]; then
 else
   log "venv up to date"
 fi
-"$venv/bin/python" -c 'import bcc, pyroute2, kipfix.agent' || { echo "venv check failed" >&2; exit 1; }
+"$venv/bin/python" -c 'import bcc, pyroute2, kipfix.agent, kipfix.agent.ipfix._flowpack' ||
+  { echo "venv check failed" >&2; exit 1; }
 if [ "$with_tests" = 1 ]; then
   bash "$repo/tests/e2e/build-tools.sh"
 fi

@@ -225,12 +225,21 @@ def compile_flow_packer(template, *, observation_domain_id: int, exporting_proce
     the pod elements; if it has an ``encoded_by_address`` dict (a
     podmeta.PodIndex), the packer reads that directly and never calls it.
     Without ``pods`` the pod elements are empty strings.
+
+    The C encoder (flowpack.py) packs when it is built, the Python packer
+    compiled here otherwise; both give the same bytes.
     """
+    from . import flowpack
     from .template import compile_packer
 
     names = [canonical_name(e.name) for e in template.elements]
     if route is None and uses_routes(names):
         raise ValueError(f"template {template.id} needs routing lookups but no route resolver was given")
+    fast = flowpack.compile_packer(template, names, family=family, observation_domain_id=observation_domain_id,
+                                   exporting_process_id=exporting_process_id, system_init_ms=system_init_ms,
+                                   route=route, pods=pods)
+    if fast is not None:
+        return fast
     expressions = [flow_expression(n, family) for n in names]
     table = {} if pods is None else getattr(pods, "encoded_by_address", None)
     bindings = BINDINGS if table is not None else {**BINDINGS, **CALL_BINDINGS}  # no dict: call pods()
