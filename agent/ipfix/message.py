@@ -8,7 +8,9 @@ so set lengths cover exactly their records.
 from __future__ import annotations
 
 import struct
+from bisect import bisect_right
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Iterator, Sequence
 
 VERSION = 10
@@ -34,12 +36,6 @@ class Packed:
     end: tuple[int, int]
 
 
-def pack_message(export_time: int, sequence: int, domain: int, sets: Sequence[bytes]) -> bytes:
-    body = b"".join(sets)
-    return HEADER.pack(VERSION, HEADER_LENGTH + len(body), export_time & 0xFFFFFFFF,
-                       sequence & 0xFFFFFFFF, domain) + body
-
-
 def pack_sets(sets: Sequence[tuple], *, max_size: int, export_time: int,
               sequence: int, domain: int, data: bool = True,
               skip_too_large: list | None = None) -> Iterator[Packed]:
@@ -52,61 +48,68 @@ def pack_sets(sets: Sequence[tuple], *, max_size: int, export_time: int,
     appended to ``skip_too_large`` when that list is given.
     """
     limit = min(max_size, MAX_MESSAGE_SIZE) - HEADER_LENGTH
-    body: list[bytes] = []  # finished sets of the current message
-    used = 0
+    # The message being filled, as the parts of one join: parts[0] is its header and
+    # parts[open_set] the open set's header, both packed once their lengths are known.
+    parts: list[bytes] = [b""]
+    used = 0  # octets after the message header
     count = 0
+    open_set = set_start = 0
     position = (0, 0)
+
+    def message() -> bytes:
+        parts[0] = HEADER.pack(VERSION, HEADER_LENGTH + used, export_time & 0xFFFFFFFF, sequence & 0xFFFFFFFF,
+                               domain)
+        return b"".join(parts)
+
     for set_index, group in enumerate(sets):
         set_id, records = group[0], group[1]
         fixed = group[2] if len(group) > 2 else 0
-        current: list[bytes] = []
-        current_len = 0
         index = 0
         n = len(records)
+        ends = None
         if fixed and SET_HEADER_LENGTH + fixed > limit:
             fixed = 0  # let the general path report or skip each record
         while index < n:
-            if fixed:  # all records have this length: take as many as fit at once
-                room = (limit - used - (0 if current else SET_HEADER_LENGTH)) // fixed
-                take = min(room, n - index)
-                if take > 0:
-                    if not current:
-                        used += SET_HEADER_LENGTH
-                    current.extend(records[index:index + take])
-                    current_len += take * fixed
-                    used += take * fixed
-                    count += take
-                    index += take
-                    continue
+            # as many records as fit at once: by arithmetic when all have one length, else by
+            # bisecting their running total of octets
+            room = limit - used - (0 if open_set else SET_HEADER_LENGTH)
+            if fixed:
+                end = index + min(room // fixed, n - index)
+                size = (end - index) * fixed
             else:
-                record = records[index]
-                size = len(record)
-                if SET_HEADER_LENGTH + size > limit:
-                    if skip_too_large is None:
-                        raise RecordTooLarge(f"a record of {size} octets does not fit in a {max_size}-octet message")
-                    skip_too_large.append((set_id, record))
-                    index += 1
-                    continue
-                need = size if current else SET_HEADER_LENGTH + size
-                if used + need <= limit:
-                    if not current:
-                        used += SET_HEADER_LENGTH
-                    current.append(record)
-                    current_len += size
-                    used += size
-                    count += 1
-                    index += 1
-                    continue
+                if ends is None:
+                    ends = [0, *accumulate(map(len, records))]  # ends[i]: octets of records[:i]
+                end = bisect_right(ends, ends[index] + room, index) - 1
+                size = ends[end] - ends[index] if end > index else 0
+            if end > index:
+                if not open_set:
+                    open_set, set_start = len(parts), used
+                    parts.append(b"")
+                    used += SET_HEADER_LENGTH
+                parts += records[index:end]
+                used += size
+                count += end - index
+                index = end
+                continue
+            record = records[index]
+            if SET_HEADER_LENGTH + len(record) > limit:
+                if skip_too_large is None:
+                    raise RecordTooLarge(f"a record of {len(record)} octets does not fit in a "
+                                         f"{max_size}-octet message")
+                skip_too_large.append((set_id, record))
+                index += 1
+                continue
             # The message is full: close the open set and the message, go on in a new one.
-            if current:
-                body.append(SET_HEADER.pack(set_id, SET_HEADER_LENGTH + current_len) + b"".join(current))
-                current, current_len = [], 0
-            yield Packed(pack_message(export_time, sequence, domain, body), count, (set_index, index))
+            if open_set:
+                parts[open_set] = SET_HEADER.pack(set_id, used - set_start)
+                open_set = 0
+            yield Packed(message(), count, (set_index, index))
             if data:
                 sequence += count
-            body, used, count = [], 0, 0
-        if current:
-            body.append(SET_HEADER.pack(set_id, SET_HEADER_LENGTH + current_len) + b"".join(current))
+            parts, used, count = [b""], 0, 0
+        if open_set:
+            parts[open_set] = SET_HEADER.pack(set_id, used - set_start)
+            open_set = 0
         position = (set_index + 1, 0)
-    if body:
-        yield Packed(pack_message(export_time, sequence, domain, body), count, position)
+    if count or len(parts) > 1:
+        yield Packed(message(), count, position)
