@@ -90,7 +90,7 @@ RUN --mount=type=secret,id=ca-bundle set -eux; \
 COPY --from=wheel /wheels /wheels
 RUN set -eux; \
     pip install --no-deps /wheels/kipfix-*.whl; \
-    rm -rf /wheels; \
+    rm -rf /wheels /src; \
     python -c 'import bcc, pyroute2, kopf, kipfix.agent, kipfix.agent.ipfix._flowpack, kipfix.operator.handlers'; \
     kipfix --version
 

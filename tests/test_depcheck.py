@@ -21,7 +21,7 @@ from kipfix.agent import depcheck, headers
 RELEASE = platform.release()
 NAMES = [
     "kernel", "bpf syscall", "btf", "clsact", "bpffs",
-    "kernel headers", "bcc", "pyroute2", "iproute2", "python",
+    "kernel headers", "bcc", "pyroute2", "iproute2", "python", "ipfix encoder",
 ]
 LINE = re.compile(r"^(?P<name>[a-z0-9 ]+?)\s{2,}(?P<status>VALID|INVALID)\s+(?P<detail>.+)$")
 
@@ -54,7 +54,8 @@ def test_every_check_is_valid_here():
     assert by["clsact"].detail == "added and removed a clsact qdisc in a throwaway netns"
     assert by["bpf syscall"].detail == "created and removed a BPF array map"
     assert by["kernel headers"].detail == headers.find_kernel_headers().description
-    assert not by["btf"].required and not by["iproute2"].required
+    assert not by["btf"].required and not by["iproute2"].required and not by["ipfix encoder"].required
+    assert by["ipfix encoder"].detail == "C (kipfix.agent.ipfix._flowpack)"
 
 
 def test_versions_match_independent_sources():

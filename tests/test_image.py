@@ -192,6 +192,9 @@ def test_dependency_check_in_the_container_uses_the_bundled_headers(image, conta
     headers = next(c for name, c in checks.items() if "header" in name)
     assert headers["valid"] and f"bundled fallback {FALLBACK}" in headers["detail"], headers
     assert checks["bpf syscall"]["valid"], checks["bpf syscall"]
+    assert checks["ipfix encoder"]["valid"], checks["ipfix encoder"]  # built in the Dockerfile's wheel stage
+    # and only there: no compiler reached the image
+    assert not (image.rootfs / "usr/bin/gcc").exists() and not list((image.rootfs / "usr/include").glob("python3*"))
 
 
 def test_operator_entrypoint_and_modules_in_the_container(image, containers):
