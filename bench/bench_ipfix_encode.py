@@ -1,9 +1,11 @@
 """IPFIX data record encoding rate, minimal and full template, on one core.
 
 Encodes whole batches per template (IpfixExporter.encode, as export() does),
-then frames them into messages (ExportSession.data_messages, 1400 octets).
-Each figure is printed with the ratio to a plain copy of the same number of
-bytes measured in the same run. Not a test: nothing is asserted.
+with the C encoder and with the Python one (KIPFIX_ENCODER=python), then
+frames them into messages (ExportSession.data_messages, 1400 octets). Each
+figure is printed with the ratio to a plain copy of the same number of bytes
+measured in the same run. Not a test: only the two encoders' bytes are
+compared.
 
     .venv/bin/python bench/bench_ipfix_encode.py [--records N] [--repeat R] [--wire N]
 
@@ -19,7 +21,7 @@ import os
 import time
 
 from kipfix.agent.config import TemplateConfig
-from kipfix.agent.ipfix import fields
+from kipfix.agent.ipfix import fields, flowpack
 from kipfix.agent.ipfix.dummy import MINIMAL_TEMPLATE, dummy_records
 from kipfix.agent.ipfix.exporter import IpfixExporter
 from kipfix.agent.ipfix.routes import RouteResolver
@@ -48,16 +50,30 @@ def copy_time(size: int, repeat: int) -> float:
     return seconds
 
 
-def bench(name: str, names: tuple[str, ...], records, chunk: int, repeat: int, resolver=None) -> None:
-    exporter = IpfixExporter([], [TemplateConfig(256, names)], observation_domain_id=1, exporting_process_id=1,
-                             route_resolver=resolver)
-    chunks = [records[i:i + chunk] for i in range(0, len(records), chunk)]
+def encode_time(names: tuple[str, ...], chunks, repeat: int, resolver, encoder: str) -> tuple[float, list, object]:
+    """Best time to encode every chunk with ``encoder`` ("c" or "python"), the batches, the exporter."""
+    os.environ["KIPFIX_ENCODER"] = encoder  # read when the exporter compiles its packers
+    try:
+        exporter = IpfixExporter([], [TemplateConfig(256, names)], observation_domain_id=1, exporting_process_id=1,
+                                 route_resolver=resolver)
+    finally:
+        del os.environ["KIPFIX_ENCODER"]
 
     def encode():
         return [exporter.encode(c) for c in chunks]
 
     encode(), encode()  # warm caches (routes) and code paths
     seconds, encoded = best(repeat, encode)
+    return seconds, encoded, exporter
+
+
+def bench(name: str, names: tuple[str, ...], records, chunk: int, repeat: int, resolver=None) -> None:
+    chunks = [records[i:i + chunk] for i in range(0, len(records), chunk)]
+    python_seconds, python_encoded, _ = encode_time(names, chunks, repeat, resolver, "python")
+    seconds, encoded, exporter = encode_time(names, chunks, repeat, resolver, "c")
+    if not flowpack.AVAILABLE:
+        print("  (the C encoder is not built: both lines are the Python encoder)")
+    assert encoded == python_encoded, "the C and Python encoders disagree"
     size = sum(len(r) for groups in encoded for g in groups for r in g[1])
     session = ExportSession(1, 1400, [ft.template for ft in exporter.flow_templates])
 
@@ -68,9 +84,11 @@ def bench(name: str, names: tuple[str, ...], records, chunk: int, repeat: int, r
     copy = copy_time(size, repeat)
     n = len(records)
     print(f"{name}: {len(names)} elements, {size / n:.1f} octets/record")
-    print(f"  encode            {n / seconds:>12,.0f} records/s  {size / seconds / 1e6:8.1f} MB/s  "
+    print(f"  encode (C)        {n / seconds:>12,.0f} records/s  {size / seconds / 1e6:8.1f} MB/s  "
           f"{seconds / copy:7.1f}x a plain copy of {size:,} bytes ({copy * 1e3:.2f} ms)")
-    print(f"  encode + messages {n / (seconds + frame_seconds):>12,.0f} records/s  "
+    print(f"  encode (Python)   {n / python_seconds:>12,.0f} records/s  {size / python_seconds / 1e6:8.1f} MB/s  "
+          f"{python_seconds / copy:7.1f}x copy; the C encoder is {python_seconds / seconds:.1f}x faster")
+    print(f"  encode (C) + msgs {n / (seconds + frame_seconds):>12,.0f} records/s  "
           f"({len(messages):,} messages of <= 1400 octets)  {(seconds + frame_seconds) / copy:7.1f}x copy")
 
 

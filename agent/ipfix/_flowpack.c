@@ -250,7 +250,8 @@ as_u64(Packer *self, PyObject *value, const char *what, unsigned long long *out)
         PyErr_Format(self->struct_error, "%s: required argument is not an integer", what);
         return -1;
     }
-    *out = PyLong_AsUnsignedLongLong(value);
+    /* unsigned long: 64 bits here (LP64), and on 3.11 cheaper than the long long form for multi-digit ints */
+    *out = sizeof(unsigned long) == 8 ? PyLong_AsUnsignedLong(value) : PyLong_AsUnsignedLongLong(value);
     if (*out == (unsigned long long)-1 && PyErr_Occurred()) {
         PyErr_Clear();
         PyErr_Format(self->struct_error, "%s: argument out of range", what);
