@@ -113,24 +113,9 @@ def test_variable_length_fields_at_their_boundaries(size, where, monkeypatch):
 
 
 def test_records_of_another_type_are_read_through_their_attributes(monkeypatch):
-    @dataclasses.dataclass
-    class Other:  # no __slots__: the packer cannot read slots at FlowRecord's offsets
-        key: object
-        packets: int
-        octets: int
-        start_ns: int
-        end_ns: int
-        end_reason: int
-        tcp_flags: int = 0
-        min_ttl: int = 0
-        max_ttl: int = 0
-        tos: int = 0
-        vlan_id: int = 0
-        inner_vlan_id: int = 0
-        fragment_id: int = 0
-        interface_name: str = ""
-        netns: str = ""
-
+    # FlowRecord's fields without __slots__: the packer cannot read them at FlowRecord's slot offsets
+    Other = dataclasses.make_dataclass("Other", [(f.name, f.type, dataclasses.field(default=f.default))
+                                                 for f in dataclasses.fields(FlowRecord)])
     records = dummy_records(50)
     others = [Other(**{f.name: getattr(r, f.name) for f in dataclasses.fields(FlowRecord)}) for r in records]
     fast, slow = packers(EVERY, None, Routes(), Pods({}), monkeypatch)
