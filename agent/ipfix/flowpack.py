@@ -1,7 +1,8 @@
 """The C data-record encoder (_flowpack.c): which step fills each element.
 
 ``compile_packer`` gives the same ``pack(records) -> [record bytes]`` as
-fields.compile_flow_packer's Python packer, about ten times faster, or None
+fields.compile_flow_packer's Python packer, 4 to 5 times as fast for wide
+templates (1.6 times for the minimal one), or None
 when the extension was not built or the template names an element it has no
 step for; the caller then uses the Python packer. STEPS mirrors
 fields.EXPRESSIONS; tests/test_flowpack.py checks that every fillable element
@@ -17,6 +18,7 @@ import os
 import struct
 
 from .. import flow
+from .fields import NOPOD, POD_ELEMENTS, POD_NAMES
 from .infomodel import InformationElement
 
 try:
@@ -68,8 +70,6 @@ def _steps() -> dict[str, tuple[str, int | str]]:
         "exportingProcessId": ("V_CONST", "epid"),
         "networkNamespace": ("B_NETNS", 0),
     }
-    from .fields import POD_ELEMENTS, POD_NAMES
-
     for i, name in enumerate(POD_NAMES):
         steps[name] = ("B_SRC_POD" if name.startswith("source") else "B_DST_POD", i % len(POD_ELEMENTS))
     return steps
@@ -135,9 +135,8 @@ def compile_packer(template, names, *, family: int | None, observation_domain_id
     program = [_step(n, e, family, constants) for n, e in zip(names, template.elements)]
     if None in program:
         return None
-    from .fields import NOPOD
-
-    table = None if pods is None else getattr(pods, "encoded_by_address", None)
+    # pods: a dict to read (a PodIndex's), else a function to call; no pods: an empty dict, every value empty
+    table = {} if pods is None else getattr(pods, "encoded_by_address", None)
+    lookup = pods if table is None else None
     return _flowpack.Packer(program, flow.FlowRecord, system_init_ms, route, getattr(route, "cache", {}),
-                            table if table is not None else ({} if pods is None else None),
-                            pods if table is None else None, NOPOD, struct.error)
+                            table, lookup, NOPOD, struct.error)
