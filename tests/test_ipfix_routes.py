@@ -48,6 +48,31 @@ def test_route_change_refreshes_the_cache(route_netns):  # noqa: F811
         resolver.close()
 
 
+def test_a_route_change_during_a_lookup_leaves_no_stale_entry(route_netns):  # noqa: F811
+    """The cache is written without a lock: an answer from before a route change must not stay in it."""
+    resolver = RouteResolver()
+    address = ip("10.88.4.5")
+    try:
+        assert resolver(route_netns, address) == answer(16, "10.77.1.1", 4)
+        resolver.cache.clear()
+        ns = resolver._namespaces[route_netns]
+        real = ns.lookup
+
+        def changed_meanwhile(packed):
+            found = real(packed)
+            ns.invalidate()  # what the netlink listener does on a route change, between lookup and caching
+            return found
+
+        ns.lookup = changed_meanwhile
+        assert resolver(route_netns, address) == answer(16, "10.77.1.1", 4)
+        assert (route_netns, address) not in resolver.cache
+        ns.lookup = real
+        assert resolver(route_netns, address) == answer(16, "10.77.1.1", 4)
+        assert resolver.cache[(route_netns, address)] == answer(16, "10.77.1.1", 4)
+    finally:
+        resolver.close()
+
+
 def test_missing_namespace_is_reported_once(caplog):
     resolver = RouteResolver()
     try:

@@ -83,7 +83,6 @@ class _Namespace:
         self.lock = threading.Lock()
         self.ipr = run_in_netns(netns, IPRoute)
         self.monitor = run_in_netns(netns, _route_monitor)
-        self.cache: dict[bytes, tuple[int, bytes]] = {}
         self.tables: dict[tuple[int, int], list] = {}  # (family, table) -> [(network, prefixlen, gateway)]
         self.indexes: dict[int, _PrefixIndex | None] = {}  # family -> index; None: policy routing in use
         self.generation = 0
@@ -104,7 +103,6 @@ class _Namespace:
 
     def invalidate(self) -> None:
         with self.lock:
-            self.cache.clear()
             self.tables.clear()
             self.indexes.clear()
             self.generation += 1
@@ -144,15 +142,13 @@ class _Namespace:
         return routes
 
     def lookup(self, address: bytes) -> tuple[int, bytes]:
-        found = self.cache.get(address)
-        if found is not None:
-            return found
-        with self.lock:
-            found = self._resolve(address)
-            if len(self.cache) >= MAX_CACHE:
-                self.cache.clear()
-            self.cache[address] = found
-        return found
+        """The route of ``address``: from the table's index, without a lock, once that is built."""
+        family = socket.AF_INET if len(address) == 4 else socket.AF_INET6
+        index = self.indexes.get(family)
+        if index is not None:
+            return index.match(address) or (NO_ROUTE4 if family == socket.AF_INET else NO_ROUTE6)
+        with self.lock:  # building the index, or asking the kernel: netlink, one caller at a time
+            return self._resolve(address)
 
     def _resolve(self, address: bytes) -> tuple[int, bytes]:
         family = socket.AF_INET if len(address) == 4 else socket.AF_INET6
@@ -201,40 +197,43 @@ class RouteResolver:
         self.cache: dict[tuple[str, bytes], tuple[int, bytes]] = {}
         self._failed: dict[str, float] = {}  # namespaces that could not be opened -> when
 
-    def _namespace(self, netns: str) -> _Namespace:
-        ns = self._namespaces.get(netns)
-        if ns is None:
+    def _open(self, netns: str) -> _Namespace | None:
+        """The namespace's routes, or None while it cannot be opened (retried every RETRY_SECONDS)."""
+        failed = self._failed.get(netns)
+        if failed is not None and time.monotonic() - failed < RETRY_SECONDS:
+            return None
+        try:
             with self._lock:
                 ns = self._namespaces.get(netns)
                 if ns is None:
                     ns = self._namespaces[netns] = _Namespace(netns, self.cache.clear)
-        return ns
-
-    def lookup(self, netns: str, address: bytes) -> tuple[int, bytes]:
-        none = NO_ROUTE4 if len(address) == 4 else NO_ROUTE6
-        failed = self._failed.get(netns)
-        if failed is not None and time.monotonic() - failed < RETRY_SECONDS:
-            return none
-        try:
-            ns = self._namespace(netns)
         except Exception as err:  # noqa: BLE001 - a vanished namespace must not stop export
             if failed is None:
                 log.warning("cannot read routes of namespace %r (%s): prefix lengths and next hops of its "
                             "flows are 0 until it can; retrying every %d s", netns, err, RETRY_SECONDS)
             self._failed[netns] = time.monotonic()
-            return none
+            return None
         self._failed.pop(netns, None)
+        return ns
+
+    def lookup(self, netns: str, address: bytes) -> tuple[int, bytes]:
+        ns = self._namespaces.get(netns) or self._open(netns)
+        if ns is None:
+            return NO_ROUTE4 if len(address) == 4 else NO_ROUTE6
         generation = ns.generation
         found = ns.lookup(address)
-        with ns.lock:
-            if ns.generation == generation:  # no route change meanwhile
-                if len(self.cache) >= MAX_CACHE:
-                    self.cache.clear()
-                self.cache[(netns, address)] = found
+        # Cached without a lock (a drain can bring a million new addresses): a route change since
+        # the lookup moved the generation, and the entry is taken out again; one after this point
+        # clears the whole cache.
+        if len(self.cache) >= MAX_CACHE:
+            self.cache.clear()
+        key = (netns, address)
+        self.cache[key] = found
+        if ns.generation != generation:
+            self.cache.pop(key, None)
         return found
 
-    def __call__(self, netns: str, address: bytes) -> tuple[int, bytes]:
-        return self.lookup(netns, address)
+    __call__ = lookup  # what the packers call, one frame less
 
     def invalidate(self) -> None:
         self.cache.clear()
