@@ -75,13 +75,12 @@ def pack_sets(sets: Sequence[tuple], *, max_size: int, export_time: int,
             room = limit - used - (0 if open_set else SET_HEADER_LENGTH)
             if fixed:
                 end = index + min(room // fixed, n - index)
-                size = (end - index) * fixed
             else:
                 if ends is None:
                     ends = [0, *accumulate(map(len, records))]  # ends[i]: octets of records[:i]
                 end = bisect_right(ends, ends[index] + room, index) - 1
-                size = ends[end] - ends[index] if end > index else 0
             if end > index:
+                size = (end - index) * fixed if fixed else ends[end] - ends[index]
                 if not open_set:
                     open_set, set_start = len(parts), used
                     parts.append(b"")
@@ -111,5 +110,5 @@ def pack_sets(sets: Sequence[tuple], *, max_size: int, export_time: int,
             parts[open_set] = SET_HEADER.pack(set_id, used - set_start)
             open_set = 0
         position = (set_index + 1, 0)
-    if count or len(parts) > 1:
+    if len(parts) > 1:
         yield Packed(message(), count, position)
