@@ -82,7 +82,7 @@ typedef struct {
 
 /* One record's inputs, read once. */
 typedef struct {
-    PyObject *slot[R_COUNT];                /* borrowed */
+    PyObject *slot[R_COUNT];                /* owned: lookups run Python code, and getattr may compute */
     unsigned long long value[R_COUNT];      /* integer slots */
     unsigned long long key[K_COUNT];        /* integer key items */
     const char *src, *dst;
@@ -227,6 +227,7 @@ Packer_init(Packer *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
+/* A new reference to the record's slot ``i``: read at its offset when the record is of the cached type. */
 static PyObject *
 read_slot(Packer *self, PyObject *record, int i)
 {
@@ -234,13 +235,10 @@ read_slot(Packer *self, PyObject *record, int i)
         PyObject *value = *(PyObject **)((char *)record + self->offsets[i]);
         if (value == NULL)
             PyErr_Format(PyExc_AttributeError, "record has no %s", record_slots[i]);
-        return value;  /* borrowed */
+        Py_XINCREF(value);
+        return value;
     }
-    PyObject *value = PyObject_GetAttr(record, self->slot_names[i]);
-    if (value == NULL)
-        return NULL;
-    Py_DECREF(value);  /* the record keeps it alive while we use it */
-    return value;
+    return PyObject_GetAttr(record, self->slot_names[i]);
 }
 
 static int
@@ -308,6 +306,8 @@ lookup_pod(Packer *self, PyObject *address)
 static void
 release(Inputs *in)
 {
+    for (int i = 0; i < R_COUNT; i++)
+        Py_CLEAR(in->slot[i]);
     Py_CLEAR(in->src_route);
     Py_CLEAR(in->dst_route);
     Py_CLEAR(in->src_pod);
