@@ -156,9 +156,10 @@ Packer_init(Packer *self, PyObject *args, PyObject *kwds)
         return -1;
     }
     if (!PyType_Check(record_type) || !PyDict_Check(route_cache) ||
-        (pod_table != Py_None && !PyDict_Check(pod_table)) || !PyTuple_Check(no_pod) || PyTuple_GET_SIZE(no_pod) != 5) {
+        (pod_table == Py_None ? !PyCallable_Check(pod_lookup) : !PyDict_Check(pod_table)) ||
+        !PyTuple_Check(no_pod) || PyTuple_GET_SIZE(no_pod) != 5) {
         PyErr_SetString(PyExc_TypeError, "Packer: record_type must be a type, route_cache a dict, "
-                                         "pod_table a dict or None, no_pod a 5-tuple");
+                                         "pod_table a dict (or None and pod_lookup a function), no_pod a 5-tuple");
         return -1;
     }
     PyObject *fast = PySequence_Fast(program, "Packer: program must be a sequence of steps");
@@ -281,7 +282,8 @@ lookup_route(Packer *self, PyObject *netns, PyObject *address)
     return PyObject_CallFunctionObjArgs(self->route, netns, address, NULL);
 }
 
-/* The five encoded pod values owning ``address``: pod_table.get(address, NOPOD) or pod_lookup(address). */
+/* The five encoded pod values owning ``address``: pod_table.get(address, NOPOD), or pod_lookup(address)
+ * when there is no table. */
 static PyObject *
 lookup_pod(Packer *self, PyObject *address)
 {
@@ -294,11 +296,8 @@ lookup_pod(Packer *self, PyObject *address)
             pod = self->no_pod;
         }
         Py_INCREF(pod);
-    } else if (self->pod_lookup != Py_None) {
-        pod = PyObject_CallOneArg(self->pod_lookup, address);
     } else {
-        pod = self->no_pod;
-        Py_INCREF(pod);
+        pod = PyObject_CallOneArg(self->pod_lookup, address);
     }
     return pod;
 }
