@@ -25,12 +25,18 @@ Indexing rules:
   an IP from a pod that is not being deleted.
 - Otherwise the latest upsert claiming an IP owns it; removing or updating
   a pod that lost an IP to another never releases the new owner's IP.
+- A pod that takes an IP over from another does so from the moment it is
+  upserted: flows that ended before then still belong to the previous owner
+  (``Succession``), until that pod is removed. A deleted pod's last flows
+  are often exported after its IP went to a new pod; without this they
+  would carry the new pod's name.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -111,6 +117,34 @@ def pod_info(obj: dict) -> PodInfo:
         host_network=bool(spec.get("hostNetwork")), deleting=bool(metadata.get("deletionTimestamp")))
 
 
+Encoded = tuple[bytes, bytes, bytes, bytes, bytes]
+Claim = tuple[int, str, Encoded]  # (since, wall-clock ns; uid; encoded values)
+MAX_CLAIMS = 8  # per IP: owners older than the last few are long exported
+
+
+class Succession:
+    """The recent owners of one IP, oldest first; immutable (a change publishes a new one).
+
+    Called with a flow's end time (wall-clock ns) it gives the encoded
+    values of the pod that owned the IP then: the latest claim made at or
+    before that time, else the oldest known.
+    """
+
+    __slots__ = ("claims",)
+
+    def __init__(self, claims: tuple[Claim, ...]):
+        self.claims = claims
+
+    def __call__(self, end_ns: int) -> Encoded:
+        for since, _, encoded in reversed(self.claims):
+            if end_ns >= since:
+                return encoded
+        return self.claims[0][2]
+
+    def __repr__(self) -> str:
+        return f"Succession({[(since, uid) for since, uid, _ in self.claims]})"
+
+
 def _keys(address: str) -> tuple[bytes, ...]:
     """Packed forms a flow key may carry: 4 octets and IPv4-mapped 16 octets for IPv4, 16 for IPv6."""
     packed = ipaddress.ip_address(address).packed
@@ -122,32 +156,39 @@ class PodIndex:
 
     ``len()`` is the number of pods known (indexed by IP or not).
     ``encoded_by_address`` maps every indexed packed address (IPv4 as 4
-    octets and as IPv4-mapped 16 octets, IPv6 as 16) to the pod's encoded
-    element values: the IPFIX packer reads it with ``dict.get`` and no
-    lock, which is safe because writers change it in place, one key at a time.
-    Calling the index, ``index(packed)``, gives the same or EMPTY_META.
+    octets and as IPv4-mapped 16 octets, IPv6 as 16) to the owning pod's
+    encoded element values, or to a ``Succession`` when the IP changed
+    owner lately. The IPFIX packer reads it with ``dict.get`` and no lock,
+    which is safe because writers change it in place, one key at a time,
+    and never change a published value.
     """
 
-    def __init__(self, pods: Iterable[PodInfo] = ()):
+    def __init__(self, pods: Iterable[PodInfo] = (), clock: Callable[[], int] = time.time_ns):
         self._lock = threading.Lock()
+        self._clock = clock
         self._pods: dict[str, PodInfo] = {}
-        self._owner: dict[str, str] = {}  # IP (canonical text) -> uid
+        self._claims: dict[str, tuple[Claim, ...]] = {}  # IP (canonical text) -> its owners, current last
         self._claimed: dict[str, tuple[str, ...]] = {}  # uid -> IPs it owns
-        self.encoded_by_address: dict[bytes, tuple[bytes, bytes, bytes, bytes, bytes]] = {}
+        self._former: dict[str, set[str]] = {}  # uid -> IPs it owned before another pod took them
+        self.encoded_by_address: dict[bytes, Encoded | Succession] = {}
         for info in pods:
             self.upsert(info)
 
     def __len__(self) -> int:
         return len(self._pods)
 
-    def __call__(self, packed: bytes) -> tuple[bytes, bytes, bytes, bytes, bytes]:
-        return self.encoded_by_address.get(packed, EMPTY_META)
+    def __call__(self, packed: bytes, end_ns: int | None = None) -> Encoded:
+        """Encoded values of the pod owning ``packed`` at ``end_ns`` (None: now), or EMPTY_META."""
+        value = self.encoded_by_address.get(packed, EMPTY_META)
+        if type(value) is tuple:
+            return value
+        return value(end_ns) if end_ns is not None else value.claims[-1][2]
 
     def get(self, uid: str) -> PodInfo | None:
         return self._pods.get(uid)
 
     def lookup(self, packed: bytes) -> PodInfo | None:
-        """The pod owning ``packed`` (4 or 16 octets, IPv4-mapped accepted), or None."""
+        """The pod owning ``packed`` now (4 or 16 octets, IPv4-mapped accepted), or None."""
         if len(packed) == 16 and packed.startswith(_MAPPED_PREFIX):
             packed = packed[12:]
         try:
@@ -155,8 +196,8 @@ class PodIndex:
         except ValueError:
             return None
         with self._lock:
-            uid = self._owner.get(address)
-            return self._pods.get(uid) if uid is not None else None
+            claims = self._claims.get(address)
+            return self._pods.get(claims[-1][1]) if claims else None
 
     def pods(self) -> list[PodInfo]:
         with self._lock:
@@ -173,16 +214,19 @@ class PodIndex:
                     self._release(address, info.uid)
             claimed = []
             for address in wanted:
-                owner = self._owner.get(address)
-                if owner is not None and owner != info.uid and info.deleting:
-                    current = self._pods.get(owner)
-                    if current is not None and not current.deleting:
-                        continue  # a pod on its way out does not take the IP of a live one
-                if owner is not None and owner != info.uid:
-                    self._claimed[owner] = tuple(a for a in self._claimed.get(owner, ()) if a != address)
-                self._owner[address] = info.uid
-                for key in _keys(address):
-                    self.encoded_by_address[key] = encoded
+                claims = self._claims.get(address, ())
+                owner = claims[-1][1] if claims else None
+                if owner == info.uid:
+                    if claims[-1][2] != encoded:
+                        self._publish(address, claims[:-1] + ((claims[-1][0], info.uid, encoded),))
+                else:
+                    if owner is not None:
+                        current = self._pods.get(owner)
+                        if info.deleting and current is not None and not current.deleting:
+                            continue  # a pod on its way out does not take the IP of a live one
+                        self._claimed[owner] = tuple(a for a in self._claimed.get(owner, ()) if a != address)
+                        self._former.setdefault(owner, set()).add(address)
+                    self._publish(address, (*claims, (self._clock(), info.uid, encoded))[-MAX_CLAIMS:])
                 claimed.append(address)
             if claimed:
                 self._claimed[info.uid] = tuple(claimed)
@@ -195,6 +239,11 @@ class PodIndex:
             info = self._pods.pop(uid, None)
             for address in self._claimed.pop(uid, ()):
                 self._release(address, uid)
+            for address in self._former.pop(uid, ()):
+                claims = self._claims.get(address, ())
+                kept = tuple(c for c in claims if c[1] != uid)
+                if kept and kept != claims:
+                    self._publish(address, kept)
             return info
 
     def replace_all(self, pods: Iterable[PodInfo]) -> None:
@@ -206,14 +255,22 @@ class PodIndex:
         for info in pods:
             self.upsert(info)
 
+    def _publish(self, address: str, claims: tuple[Claim, ...]) -> None:
+        self._claims[address] = claims
+        value = claims[0][2] if len(claims) == 1 else Succession(claims)
+        for key in _keys(address):
+            self.encoded_by_address[key] = value
+
     def _release(self, address: str, uid: str) -> None:
-        if self._owner.get(address) != uid:
+        """The owner gives the IP up: nobody owns it, and its history goes too."""
+        claims = self._claims.get(address)
+        if not claims or claims[-1][1] != uid:
             return
-        del self._owner[address]
+        del self._claims[address]
         for key in _keys(address):
             self.encoded_by_address.pop(key, None)
 
 
 PodLookup = Callable[[bytes], tuple[bytes, bytes, bytes, bytes, bytes]]
 
-__all__ = ["EMPTY_META", "PodIndex", "PodInfo", "PodLookup", "pod_info"]
+__all__ = ["EMPTY_META", "PodIndex", "PodInfo", "PodLookup", "Succession", "pod_info"]

@@ -12,7 +12,8 @@ Three list+watch loops, each relisting after 410 Gone or an error:
 Handlers run in the watch threads; ``on_change`` tells the agent to apply
 what changed between two drains. A deleted pod stays in the index a while
 (``sweep``): its last flows are flushed at the next drain and must still
-carry its name. A new pod with the same IP takes the IP over at once.
+carry its name. A new pod with the same IP takes the IP over at once, for
+flows that end from then on (podmeta.Succession).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import ipaddress
 import struct
 import sys
 
@@ -20,6 +21,7 @@ from kipfix.agent.flow import FlowRecord
 from kipfix.agent.ipfix import fields, flowpack
 from kipfix.agent.ipfix.dummy import dummy_records
 from kipfix.agent.ipfix.template import Template
+from kipfix.agent.podmeta import PodIndex, PodInfo, Succession
 
 from test_ipfix_properties import flow_records
 
@@ -90,6 +92,12 @@ def test_same_bytes_as_the_python_packer(records, names, family, pod_values, by_
     cached = data.draw(st.lists(st.sampled_from(addresses), unique=True) if addresses else st.just([]))
     routes = Routes((r.netns, a) for r in records for a in (r.key.src, r.key.dst) if a in cached)
     owners = {a: v for a, v in zip(data.draw(st.permutations(addresses)), pod_values)}
+    for address in list(owners):  # some IPs changed owner around the time a flow ended
+        ended = [r.end_ns for r in records]
+        taken_at = data.draw(st.none() | st.sampled_from(ended).flatmap(lambda t: st.sampled_from((t, t + 1))))
+        if taken_at is not None:
+            previous = tuple(v[::-1] + b"-before" for v in owners[address])
+            owners[address] = Succession(((0, "u-before", previous), (taken_at, "u-now", owners[address])))
     pods = Pods(owners)
     pods_arg = (lambda a: pods(a)) if by_call else pods  # a plain lookup function, or an index to read
     fast, slow = packers(names, family, routes, pods_arg, monkeypatch)
@@ -191,6 +199,42 @@ def test_a_failing_lookup_propagates_and_leaks_nothing(monkeypatch):
                 no_route(records)
             with pytest.raises(RuntimeError, match="no pod index"):
                 no_pod(records)
+        assert [sys.getrefcount(v) for v in held] == before
+    finally:
+        gc.enable()
+
+
+def test_pods_are_named_as_they_were_when_the_flow_ended(monkeypatch):
+    records = [r for r in dummy_records(20) if r.key.ip_version == 4][:4]
+    records = [dataclasses.replace(r, end_ns=t) for r, t in zip(records, (10, 20, 29, 30))]
+    clock = iter((5, 30)).__next__
+    index = PodIndex(clock=clock)
+    for name in ("old", "new"):  # one IP, the sources of all four records, passed on at 30
+        index.upsert(PodInfo(f"u-{name}", name, "ns", "node", (str(ipaddress.ip_address(records[0].key.src)),),
+                             phase="Running"))
+    records = [dataclasses.replace(r, key=r.key._replace(src=records[0].key.src)) for r in records]
+    for pods in (index, lambda a: index.encoded_by_address.get(a, fields.NOPOD)):  # read, or called
+        fast, slow = packers(["sourcePodName"], 4, Routes(), pods, monkeypatch)
+        assert fast(records) == slow(records) == [b"\x03old", b"\x03old", b"\x03old", b"\x03new"]
+
+
+def test_a_failing_succession_propagates_and_leaks_nothing(monkeypatch):
+    records = dummy_records(30)
+    owners = {r.key.src: (b"pod", b"ns", b"node", b"w", b"Deployment") for r in records}
+
+    def broken(end_ns):
+        raise RuntimeError("no owner")
+
+    owners[records[20].key.src] = broken
+    fast, _ = packers(EVERY, None, Routes(), Pods(owners), monkeypatch)
+    held = [owners[records[0].key.src], broken, records[0].end_ns]
+    gc.collect()
+    gc.disable()
+    try:
+        before = [sys.getrefcount(v) for v in held]
+        for _ in range(100):
+            with pytest.raises(RuntimeError, match="no owner"):
+                fast(records)
         assert [sys.getrefcount(v) for v in held] == before
     finally:
         gc.enable()

@@ -8,12 +8,14 @@ private entries: type id and the value's octets.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import os
 import re
 import shutil
 import subprocess
+import time
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -211,6 +213,32 @@ def test_index_changes_reach_the_next_batch_without_recompiling():
     pods.upsert(DB)
     assert exporter.encode(one)[0][1] == [b"".join(bytes((len(v),)) + v.encode()
                                                     for v in pod_values(WEB, DB).values())]
+
+
+def test_a_deleted_pods_last_flows_keep_its_name_after_a_new_pod_took_its_ip():
+    """The agent exports a deleted pod's flows at the next drain; a new pod may hold its IP by then."""
+    pods = PodIndex([WEB, DB])
+    ended = time.time_ns()  # WEB's last packet
+    old_flow = dataclasses.replace(records()[0], end_ns=ended)
+    reused = PodInfo("u-web2", "web-7d9f8b6c5-new", "shop", "node-a", WEB.ips, "Deployment", "web", phase="Running")
+    while time.time_ns() == ended:
+        pass
+    pods.upsert(reused)  # WEB is deleted (kept until its flows are out); the new pod takes its IPs now
+    new_flow = dataclasses.replace(records()[0], end_ns=time.time_ns())
+    collector = Collector(out=None, err=None).start()
+    try:
+        config = CollectorConfig(f"127.0.0.1:{collector.port}", "127.0.0.1", collector.port, "udp")
+        exporter = IpfixExporter([config], [TemplateConfig(256, TEMPLATE)], observation_domain_id=7,
+                                 pod_lookup=pods)
+        exporter.export([old_flow, new_flow], MeteringStats())
+        exporter.close(10)
+        assert collector.wait_for(lambda c: c.data_records >= 2, 10)
+    finally:
+        collector.stop()
+    got = [{n: r.values[n] for n in POD_NAMES} for r in collector.records()]
+    assert got == [pod_values(WEB, DB), pod_values(reused, DB)]
+    pods.remove(WEB.uid)  # swept: every flow of that IP is the new pod's
+    assert pods(ipaddress.ip_address(WEB.ips[0]).packed, ended)[0] == reused.name.encode()
 
 
 # ---- tshark, from a live capture on loopback ----------------------------------------------

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from kipfix.agent.podmeta import EMPTY_META, PodIndex, PodInfo, pod_info
+from kipfix.agent.podmeta import EMPTY_META, MAX_CLAIMS, PodIndex, PodInfo, Succession, pod_info
 
 
 def ip(text: str) -> bytes:
@@ -153,6 +153,72 @@ def test_ip_reused_by_a_new_pod_and_the_old_one_removed_late():
     index.remove("u-new")
     assert index.lookup(ip("10.244.1.17")) is None and index(ip("10.244.1.17")) == EMPTY_META
     assert len(index) == 0 and index.encoded_by_address == {}
+
+
+class Clock:
+    """Wall-clock nanoseconds the test sets."""
+
+    def __init__(self, now: int = 1_000):
+        self.now = now
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def test_flows_that_ended_before_a_takeover_keep_the_previous_owner():
+    clock = Clock(1_000)
+    index = PodIndex(clock=clock)
+    index.upsert(pod("old", "u-old", ("10.244.1.17",)))
+    clock.now = 5_000
+    index.upsert(pod("new", "u-new", ("10.244.1.17",)))
+    for key in (ip("10.244.1.17"), mapped("10.244.1.17")):
+        value = index.encoded_by_address[key]
+        assert isinstance(value, Succession)
+        assert [value(t)[0] for t in (0, 999, 1_000, 4_999)] == [b"old"] * 4  # before the oldest claim: its owner
+        assert [value(t)[0] for t in (5_000, 10**19)] == [b"new"] * 2
+        assert index(key, 4_999)[0] == b"old" and index(key, 5_000)[0] == b"new"
+        assert index(key)[0] == b"new"  # no time: the owner now
+    assert index.lookup(ip("10.244.1.17")).name == "new"
+    clock.now = 6_000
+    index.upsert(pod("new", "u-new", ("10.244.1.17",), node="node-b"))  # the owner changes, its claim stays
+    value = index.encoded_by_address[ip("10.244.1.17")]
+    assert (value(4_999)[:3], value(5_000)[:3]) == ((b"old", b"default", b"node-a"), (b"new", b"default", b"node-b"))
+    index.remove("u-old")  # swept: only the current owner is left, a plain tuple again
+    assert index.encoded_by_address[ip("10.244.1.17")] == (b"new", b"default", b"node-b", b"", b"")
+    assert index(ip("10.244.1.17"), 0)[0] == b"new"
+
+
+def test_an_ip_passed_on_several_times_and_its_history_bounded():
+    clock = Clock(0)
+    index = PodIndex(clock=clock)
+    for i in range(MAX_CLAIMS + 3):
+        clock.now = i * 100
+        index.upsert(pod(f"p{i}", f"u{i}", ("10.0.0.9",)))
+    value = index.encoded_by_address[ip("10.0.0.9")]
+    assert len(value.claims) == MAX_CLAIMS
+    oldest = 3
+    assert value(0)[0] == f"p{oldest}".encode()  # older owners are forgotten; the oldest kept answers
+    assert [value(i * 100 + 50)[0] for i in range(oldest, MAX_CLAIMS + 3)] == [
+        f"p{i}".encode() for i in range(oldest, MAX_CLAIMS + 3)]
+    index.remove("u5")  # a former owner removed: its span goes to the owner before it
+    assert index(ip("10.0.0.9"), 550)[0] == b"p4"
+    index.remove(f"u{MAX_CLAIMS + 2}")  # the current owner removed: nobody owns the IP, history and all
+    assert ip("10.0.0.9") not in index.encoded_by_address and index(ip("10.0.0.9"), 550) == EMPTY_META
+    assert index.lookup(ip("10.0.0.9")) is None
+    for i in range(MAX_CLAIMS + 2):
+        index.remove(f"u{i}")
+    assert len(index) == 0 and index.encoded_by_address == {}
+
+
+def test_a_pod_moving_to_another_ip_takes_no_history_along():
+    clock = Clock(100)
+    index = PodIndex([pod("a", "u-a", ("10.0.0.1",)), pod("b", "u-b", ("10.0.0.2",))], clock=clock)
+    clock.now = 200
+    index.upsert(pod("b", "u-b", ("10.0.0.1",)))  # b takes a's IP and gives up its own
+    assert index(ip("10.0.0.2"), 150) == EMPTY_META
+    assert index(ip("10.0.0.1"), 150)[0] == b"a" and index(ip("10.0.0.1"), 200)[0] == b"b"
+    index.upsert(pod("a", "u-a", ("10.0.0.1",), deleting=True))  # the old owner, deleting, does not retake it
+    assert index(ip("10.0.0.1"))[0] == b"b"
 
 
 def test_deleting_pod_keeps_its_ip_but_does_not_take_a_live_pods():

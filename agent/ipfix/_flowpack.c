@@ -119,8 +119,8 @@ step_uses(int op, unsigned *needs, int *rs, int *rd, int *ps, int *pd)
     case V_DST_PREFIX: case B_NEXT_HOP: *needs |= 1u << R_NETNS; *rd = 1; break;
     case B_INTERFACE_NAME: *needs |= 1u << R_INTERFACE_NAME; break;
     case B_NETNS: *needs |= 1u << R_NETNS; break;
-    case B_SRC_POD: *ps = 1; break;
-    case B_DST_POD: *pd = 1; break;
+    case B_SRC_POD: *needs |= 1u << R_END; *ps = 1; break;  /* an IP's owner depends on when */
+    case B_DST_POD: *needs |= 1u << R_END; *pd = 1; break;
     default: return -1;
     }
     return 0;
@@ -282,10 +282,11 @@ lookup_route(Packer *self, PyObject *netns, PyObject *address)
     return PyObject_CallFunctionObjArgs(self->route, netns, address, NULL);
 }
 
-/* The five encoded pod values owning ``address``: pod_table.get(address, NOPOD), or pod_lookup(address)
- * when there is no table. */
+/* The five encoded values of the pod owning ``address`` when the flow ended: pod_table.get(address,
+ * NOPOD), or pod_lookup(address) when there is no table; a value that is no tuple (an IP's recent
+ * owners, podmeta.Succession) is called with ``end_ns``. */
 static PyObject *
-lookup_pod(Packer *self, PyObject *address)
+lookup_pod(Packer *self, PyObject *address, PyObject *end_ns)
 {
     PyObject *pod;
     if (self->pod_table != Py_None) {
@@ -299,7 +300,11 @@ lookup_pod(Packer *self, PyObject *address)
     } else {
         pod = PyObject_CallOneArg(self->pod_lookup, address);
     }
-    return pod;
+    if (pod == NULL || PyTuple_CheckExact(pod))
+        return pod;
+    PyObject *owner = PyObject_CallOneArg(pod, end_ns);
+    Py_DECREF(pod);
+    return owner;
 }
 
 static void
@@ -348,9 +353,9 @@ read_inputs(Packer *self, PyObject *record, Inputs *in)
     if (self->routes_dst &&
         !(in->dst_route = lookup_route(self, in->slot[R_NETNS], PyTuple_GET_ITEM(key, K_DST))))
         return -1;
-    if (self->pods_src && !(in->src_pod = lookup_pod(self, PyTuple_GET_ITEM(key, K_SRC))))
+    if (self->pods_src && !(in->src_pod = lookup_pod(self, PyTuple_GET_ITEM(key, K_SRC), in->slot[R_END])))
         return -1;
-    if (self->pods_dst && !(in->dst_pod = lookup_pod(self, PyTuple_GET_ITEM(key, K_DST))))
+    if (self->pods_dst && !(in->dst_pod = lookup_pod(self, PyTuple_GET_ITEM(key, K_DST), in->slot[R_END])))
         return -1;
     return 0;
 }

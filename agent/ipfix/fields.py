@@ -19,8 +19,9 @@ Semantics worth knowing:
 - Prefix lengths and next hop come from the routing table of the record's
   network namespace (routes.py).
 - Pod elements (sourcePodName, ..., destinationWorkloadKind) come from the
-  pod owning the source or destination address (podmeta.PodIndex); empty
-  strings when no pod owns it or no pod lookup was given (standalone agent).
+  pod owning the source or destination address when the flow ended
+  (podmeta.PodIndex); empty strings when no pod owns it or no pod lookup was
+  given (standalone agent).
 """
 
 from __future__ import annotations
@@ -42,12 +43,14 @@ BINDINGS = {
     "ED": "for ED in (divmod(r.end_ns, 1000000000),)",
     "RS": "for RS in (rcache.get((r.netns, k.src)) or route(r.netns, k.src),)",  # (prefix length, next hop)
     "RD": "for RD in (rcache.get((r.netns, k.dst)) or route(r.netns, k.dst),)",
-    # (name, namespace, node, workload name, workload kind) of the pod owning the address, encoded
-    "PS": "for PS in (pget(k.src, NOPOD),)",
-    "PD": "for PD in (pget(k.dst, NOPOD),)",
+    # (name, namespace, node, workload name, workload kind) of the pod owning the address, encoded;
+    # a value that is no tuple is the IP's recent owners (podmeta.Succession): asked for the flow's end
+    "PS": "for PS in (pget(k.src, NOPOD),) for PS in (PS if PS.__class__ is tuple else PS(r.end_ns),)",
+    "PD": "for PD in (pget(k.dst, NOPOD),) for PD in (PD if PD.__class__ is tuple else PD(r.end_ns),)",
 }
 # The same through a lookup function, for a pod lookup without an ``encoded_by_address`` dict.
-CALL_BINDINGS = {"PS": "for PS in (pods(k.src),)", "PD": "for PD in (pods(k.dst),)"}
+CALL_BINDINGS = {"PS": "for PS in (pods(k.src),) for PS in (PS if PS.__class__ is tuple else PS(r.end_ns),)",
+                 "PD": "for PD in (pods(k.dst),) for PD in (PD if PD.__class__ is tuple else PD(r.end_ns),)"}
 NOPOD = (b"", b"", b"", b"", b"")
 # dateTimeNanoseconds and dateTimeMicroseconds (NTP format, RFC 7011 6.1.9-10) from a (seconds,
 # nanoseconds) pair, inline: a function call per field costs more than the arithmetic.
@@ -224,6 +227,8 @@ def compile_flow_packer(template, *, observation_domain_id: int, exporting_proce
     workload name, workload kind)`` as bytes (empty bytes when unknown) fills
     the pod elements; if it has an ``encoded_by_address`` dict (a
     podmeta.PodIndex), the packer reads that directly and never calls it.
+    A value that is not a tuple (a podmeta.Succession) is called with the
+    record's ``end_ns`` and gives the tuple.
     Without ``pods`` the pod elements are empty strings.
 
     The C encoder (flowpack.py) packs when it is built, the Python packer
