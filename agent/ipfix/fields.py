@@ -35,6 +35,8 @@ from .infomodel import InformationElement, default_model, lookup
 Z4 = bytes(4)
 Z16 = bytes(16)
 
+# A pod value that is no tuple is the IP's recent owners (podmeta.Succession): asked for the flow's end.
+OWNER_WHEN_ENDED = " for {p} in ({p} if {p}.__class__ is tuple else {p}(r.end_ns),)"
 # Values several elements share, computed once per record when a template uses them.
 BINDINGS = {
     "SM": "for SM in (r.start_ns // 1000000,)",
@@ -43,14 +45,13 @@ BINDINGS = {
     "ED": "for ED in (divmod(r.end_ns, 1000000000),)",
     "RS": "for RS in (rcache.get((r.netns, k.src)) or route(r.netns, k.src),)",  # (prefix length, next hop)
     "RD": "for RD in (rcache.get((r.netns, k.dst)) or route(r.netns, k.dst),)",
-    # (name, namespace, node, workload name, workload kind) of the pod owning the address, encoded;
-    # a value that is no tuple is the IP's recent owners (podmeta.Succession): asked for the flow's end
-    "PS": "for PS in (pget(k.src, NOPOD),) for PS in (PS if PS.__class__ is tuple else PS(r.end_ns),)",
-    "PD": "for PD in (pget(k.dst, NOPOD),) for PD in (PD if PD.__class__ is tuple else PD(r.end_ns),)",
+    # (name, namespace, node, workload name, workload kind) of the pod owning the address, encoded
+    "PS": "for PS in (pget(k.src, NOPOD),)" + OWNER_WHEN_ENDED.format(p="PS"),
+    "PD": "for PD in (pget(k.dst, NOPOD),)" + OWNER_WHEN_ENDED.format(p="PD"),
 }
 # The same through a lookup function, for a pod lookup without an ``encoded_by_address`` dict.
-CALL_BINDINGS = {"PS": "for PS in (pods(k.src),) for PS in (PS if PS.__class__ is tuple else PS(r.end_ns),)",
-                 "PD": "for PD in (pods(k.dst),) for PD in (PD if PD.__class__ is tuple else PD(r.end_ns),)"}
+CALL_BINDINGS = {"PS": "for PS in (pods(k.src),)" + OWNER_WHEN_ENDED.format(p="PS"),
+                 "PD": "for PD in (pods(k.dst),)" + OWNER_WHEN_ENDED.format(p="PD")}
 NOPOD = (b"", b"", b"", b"", b"")
 # dateTimeNanoseconds and dateTimeMicroseconds (NTP format, RFC 7011 6.1.9-10) from a (seconds,
 # nanoseconds) pair, inline: a function call per field costs more than the arithmetic.
