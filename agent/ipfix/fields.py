@@ -216,6 +216,12 @@ def flow_expression(name: str, family: int | None) -> str:
     return EXPRESSIONS[name]
 
 
+def pod_table(pods) -> dict | None:
+    """The dict a packer reads pods from (a PodIndex's ``encoded_by_address``; an empty one for no pods),
+    or None when ``pods`` is a plain function the packer must call."""
+    return {} if pods is None else getattr(pods, "encoded_by_address", None)
+
+
 def compile_flow_packer(template, *, observation_domain_id: int, exporting_process_id: int,
                         system_init_ms: int, route=None, pods=None, family: int | None = None):
     """``pack(records) -> [record bytes]`` for FlowRecords under ``template``.
@@ -247,7 +253,7 @@ def compile_flow_packer(template, *, observation_domain_id: int, exporting_proce
     if fast is not None:
         return fast
     expressions = [flow_expression(n, family) for n in names]
-    table = {} if pods is None else getattr(pods, "encoded_by_address", None)
+    table = pod_table(pods)
     bindings = BINDINGS if table is not None else {**BINDINGS, **CALL_BINDINGS}  # no dict: call pods()
     bind = "for k in (r.key,)"
     if issubclass(FlowKey, tuple):  # unpacking the key once is cheaper than an attribute load per field

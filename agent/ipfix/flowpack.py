@@ -18,7 +18,7 @@ import os
 import struct
 
 from .. import flow
-from .fields import NOPOD, POD_ELEMENTS, POD_NAMES
+from .fields import NOPOD, POD_ELEMENTS, POD_NAMES, pod_table
 from .infomodel import InformationElement
 
 try:
@@ -135,8 +135,7 @@ def compile_packer(template, names, *, family: int | None, observation_domain_id
     program = [_step(n, e, family, constants) for n, e in zip(names, template.elements)]
     if None in program:
         return None
-    # pods: a dict to read (a PodIndex's), else a function to call; no pods: an empty dict, every value empty
-    table = {} if pods is None else getattr(pods, "encoded_by_address", None)
+    table = pod_table(pods)
     lookup = pods if table is None else None
     return _flowpack.Packer(program, flow.FlowRecord, system_init_ms, route, getattr(route, "cache", {}),
                             table, lookup, NOPOD, struct.error)
