@@ -8,6 +8,7 @@ against tshark and the built-in collector.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import ipaddress
@@ -167,6 +168,19 @@ def test_values_out_of_range_raise_struct_error_like_struct_pack(change, element
             pack([record])
 
 
+@contextlib.contextmanager
+def references_unchanged(held):
+    """The block must leave every object in ``held`` with the reference count it had (gc off meanwhile)."""
+    gc.collect()  # packers of earlier tests, in reference cycles, also hold NOPOD until collected
+    gc.disable()
+    try:
+        before = [sys.getrefcount(v) for v in held]
+        yield
+        assert [sys.getrefcount(v) for v in held] == before
+    finally:
+        gc.enable()
+
+
 def test_a_failing_lookup_propagates_and_leaks_nothing(monkeypatch):
     records = dummy_records(40)
     routes = Routes((r.netns, a) for r in records[:20] for a in (r.key.src, r.key.dst))
@@ -187,21 +201,15 @@ def test_a_failing_lookup_propagates_and_leaks_nothing(monkeypatch):
     no_route, _ = packers(EVERY, None, broken_route, Pods(owners), monkeypatch)
     no_pod, _ = packers(EVERY, None, routes, broken_pods, monkeypatch)
     held = list(routes.cache.values()) + list(owners.values()) + [fields.NOPOD]
-    gc.collect()  # packers of earlier tests, in reference cycles, also hold NOPOD until collected
-    gc.disable()
-    try:
-        before = [sys.getrefcount(v) for v in held]
+    with references_unchanged(held):  # every looked-up tuple released
         for _ in range(200):
             fast(records)
-        assert [sys.getrefcount(v) for v in held] == before  # every looked-up tuple released
+    with references_unchanged(held):
         for _ in range(50):
             with pytest.raises(RuntimeError, match="no route"):
                 no_route(records)
             with pytest.raises(RuntimeError, match="no pod index"):
                 no_pod(records)
-        assert [sys.getrefcount(v) for v in held] == before
-    finally:
-        gc.enable()
 
 
 def test_pods_are_named_as_they_were_when_the_flow_ended(monkeypatch):
@@ -227,17 +235,10 @@ def test_a_failing_succession_propagates_and_leaks_nothing(monkeypatch):
 
     owners[records[20].key.src] = broken
     fast, _ = packers(EVERY, None, Routes(), Pods(owners), monkeypatch)
-    held = [owners[records[0].key.src], broken, records[0].end_ns]
-    gc.collect()
-    gc.disable()
-    try:
-        before = [sys.getrefcount(v) for v in held]
+    with references_unchanged([owners[records[0].key.src], broken, records[0].end_ns]):
         for _ in range(100):
             with pytest.raises(RuntimeError, match="no owner"):
                 fast(records)
-        assert [sys.getrefcount(v) for v in held] == before
-    finally:
-        gc.enable()
 
 
 def test_cached_routes_are_not_looked_up_again(monkeypatch):
