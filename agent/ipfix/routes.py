@@ -37,6 +37,11 @@ NO_ROUTE4 = (0, bytes(4))
 NO_ROUTE6 = (0, bytes(16))
 
 
+def no_route(address: bytes) -> tuple[int, bytes]:
+    """(prefix length, next hop) of an address no route covers, in the address's family."""
+    return NO_ROUTE4 if len(address) == 4 else NO_ROUTE6
+
+
 def _route_monitor() -> socket.socket:
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
     sock.bind((0, RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE | RTMGRP_IPV4_RULE | RTMGRP_IPV6_RULE))
@@ -146,13 +151,13 @@ class _Namespace:
         family = socket.AF_INET if len(address) == 4 else socket.AF_INET6
         index = self.indexes.get(family)
         if index is not None:
-            return index.match(address) or (NO_ROUTE4 if family == socket.AF_INET else NO_ROUTE6)
+            return index.match(address) or no_route(address)
         with self.lock:  # building the index, or asking the kernel: netlink, one caller at a time
             return self._resolve(address)
 
     def _resolve(self, address: bytes) -> tuple[int, bytes]:
         family = socket.AF_INET if len(address) == 4 else socket.AF_INET6
-        none = NO_ROUTE4 if family == socket.AF_INET else NO_ROUTE6
+        none = no_route(address)
         index = self._index(family)
         if index is not None:
             return index.match(address) or none
@@ -219,7 +224,7 @@ class RouteResolver:
     def lookup(self, netns: str, address: bytes) -> tuple[int, bytes]:
         ns = self._namespaces.get(netns) or self._open(netns)
         if ns is None:
-            return NO_ROUTE4 if len(address) == 4 else NO_ROUTE6
+            return no_route(address)
         generation = ns.generation
         found = ns.lookup(address)
         # Cached without a lock (a drain can bring a million new addresses): a route change since
