@@ -11,7 +11,7 @@
 # BCC compiles the metering program at load time and needs kernel headers. Nodes
 # rarely have them, so the image bundles Debian's generic ones (enough for a tc
 # program): -common, then the arch package copied over it, in one folder that
-# kipfix.agent.headers finds as its fallback. Built in a separate stage so that
+# kipfix.agent.datapath.headers finds as its fallback. Built in a separate stage so that
 # neither the packages nor their dependencies (gcc, kbuild) reach the final image.
 # The arch tree's scripts/ and tools/ are links into linux-kbuild: BCC needs neither,
 # so the dangling links are removed.
@@ -62,7 +62,7 @@ RUN set -eux; \
     rm -rf /var/lib/apt/lists/*
 
 COPY --from=headers /usr/share/kipfix/kernel-headers /usr/share/kipfix/kernel-headers
-# kipfix.agent.headers: host headers (/lib/modules/$(uname -r)/build) first, then this.
+# kipfix.agent.datapath.headers: host headers (/lib/modules/$(uname -r)/build) first, then this.
 ENV KIPFIX_HEADERS_FALLBACK=/usr/share/kipfix/kernel-headers
 
 # A venv that also sees Debian's bcc module (system site packages of /usr/bin/python3).
@@ -91,7 +91,7 @@ COPY --from=wheel /wheels /wheels
 RUN set -eux; \
     pip install --no-deps /wheels/kipfix-*.whl; \
     rm -rf /wheels /src; \
-    python -c 'import bcc, pyroute2, kopf, kipfix.agent, kipfix.agent.ipfix._flowpack, kipfix.operator.handlers'; \
+    python -c 'import bcc, pyroute2, kopf, kipfix.agent, kipfix.agent.export.ipfix._flowpack, kipfix.operator.handlers'; \
     kipfix --version
 
 LABEL org.opencontainers.image.title="kipfix" \

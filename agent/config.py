@@ -17,7 +17,9 @@ from typing import Any
 
 import yaml
 
-DEFAULT_PIN_PATH = "/sys/fs/bpf/kipfix"
+from .contract import (DEFAULT_ACTIVE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_FLOWS, DEFAULT_METRICS_PORT,
+                       DEFAULT_PEN, DEFAULT_PIN_PATH)
+
 MAX_FLOWS_RANGE = (16, 16_777_216)
 MESSAGE_SIZE_RANGE = (64, 65_535)
 TRANSPORTS = ("udp", "tcp", "tls")
@@ -84,8 +86,8 @@ class PodSelection:
 
 @dataclass(frozen=True)
 class Timeouts:
-    idle: float = 15.0
-    active: float = 60.0
+    idle: float = DEFAULT_IDLE_TIMEOUT
+    active: float = DEFAULT_ACTIVE_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,7 @@ class MetricsConfig:
     """Where the agent serves Prometheus metrics (``/metrics``)."""
 
     address: str = "0.0.0.0"
-    port: int = 9469
+    port: int = DEFAULT_METRICS_PORT
     enabled: bool = True
 
 
@@ -104,10 +106,10 @@ class AgentConfig:
     interfaces: tuple[InterfaceSelection, ...] = ()
     pods: tuple[PodSelection, ...] = ()
     timeouts: Timeouts = field(default_factory=Timeouts)
-    max_flows: int = 65536
+    max_flows: int = DEFAULT_MAX_FLOWS
     drain_interval: float = 1.0
     observation_domain_id: int = 1
-    enterprise_number: int = 32473
+    enterprise_number: int = DEFAULT_PEN
     json_lines: str | None = None
     pin_path: str = DEFAULT_PIN_PATH
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -188,7 +190,7 @@ def _tls(data: Any, path: str) -> TLSConfig:
 
 
 def _collector(data: Any, path: str) -> CollectorConfig:
-    from .ipfix.address import parse_collector_address
+    from .export.address import parse_collector_address
 
     data = _mapping(data, path)
     _reject_unknown(data, ("address", "transport", "tls", "maxMessageSize", "templateRefreshSeconds",
@@ -221,7 +223,7 @@ def _collector(data: Any, path: str) -> CollectorConfig:
 
 
 def _template(data: Any, path: str) -> TemplateConfig:
-    from .ipfix.fields import check_template_fields
+    from .export.ipfix.fields import check_template_fields
 
     data = _mapping(data, path)
     _reject_unknown(data, ("id", "template", "fields"), path)
@@ -242,7 +244,7 @@ def _template(data: Any, path: str) -> TemplateConfig:
 
 
 def _selection(data: Any, path: str) -> InterfaceSelection:
-    from .ifselect import validate_patterns
+    from .datapath.ifselect import validate_patterns
 
     data = _mapping(data, path)
     _reject_unknown(data, ("netns", "names", "exclude"), path)
@@ -261,7 +263,7 @@ def _selection(data: Any, path: str) -> InterfaceSelection:
 
 
 def _pod_selection(data: Any, path: str) -> PodSelection:
-    from .ifselect import validate_patterns
+    from .datapath.ifselect import validate_patterns
     from .labelselector import check_selector
 
     data = _mapping(data, path)
@@ -283,8 +285,8 @@ def _pod_selection(data: Any, path: str) -> PodSelection:
 def _timeouts(data: Any) -> Timeouts:
     data = _mapping(data, "timeouts")
     _reject_unknown(data, ("idle", "active"), "timeouts")
-    idle = _seconds(data.get("idle", 15), "timeouts.idle")
-    active = _seconds(data.get("active", 60), "timeouts.active")
+    idle = _seconds(data.get("idle", DEFAULT_IDLE_TIMEOUT), "timeouts.idle")
+    active = _seconds(data.get("active", DEFAULT_ACTIVE_TIMEOUT), "timeouts.active")
     return Timeouts(idle, active)
 
 
@@ -300,7 +302,7 @@ def _metrics(data: Any) -> MetricsConfig:
     enabled = data.get("enabled", True)
     if not isinstance(enabled, bool):
         raise ConfigError(f"metrics.enabled: {enabled!r} is not accepted; accepted: true, false")
-    return MetricsConfig(address, _int(data.get("port", 9469), "metrics.port", 1, 65535), enabled)
+    return MetricsConfig(address, _int(data.get("port", DEFAULT_METRICS_PORT), "metrics.port", 1, 65535), enabled)
 
 
 TOP_LEVEL_KEYS = ("collectors", "templates", "interfaces", "pods", "timeouts", "maxFlows", "drainInterval",
@@ -338,10 +340,10 @@ def parse_config(data: Any) -> AgentConfig:
         interfaces=interfaces,
         pods=pods,
         timeouts=_timeouts(data.get("timeouts")),
-        max_flows=_int(data.get("maxFlows", 65536), "maxFlows", *MAX_FLOWS_RANGE),
+        max_flows=_int(data.get("maxFlows", DEFAULT_MAX_FLOWS), "maxFlows", *MAX_FLOWS_RANGE),
         drain_interval=_seconds(data.get("drainInterval", 1.0), "drainInterval", hi=60),
         observation_domain_id=_int(data.get("observationDomainId", 1), "observationDomainId", 0, 2**32 - 1),
-        enterprise_number=_int(data.get("enterpriseNumber", 32473), "enterpriseNumber", 1, 2**32 - 1),
+        enterprise_number=_int(data.get("enterpriseNumber", DEFAULT_PEN), "enterpriseNumber", 1, 2**32 - 1),
         json_lines=json_lines,
         pin_path=_str(data.get("pinPath", DEFAULT_PIN_PATH), "pinPath"),
         metrics=_metrics(data.get("metrics")),
@@ -353,7 +355,7 @@ def parse_config(data: Any) -> AgentConfig:
 
 
 def _check_template_fits(template: TemplateConfig, collector: CollectorConfig, path: str) -> None:
-    from .ipfix.fields import fixed_record_length
+    from .export.ipfix.fields import fixed_record_length
 
     # Message header (16) + set header (4) + one record must fit, or nothing is ever sent.
     need = 16 + 4 + fixed_record_length(template.fields)

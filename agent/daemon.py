@@ -22,12 +22,12 @@ from dataclasses import replace
 from typing import Sequence
 
 from .config import AgentConfig, ConfigError, load_config
-from .flow import EndReason, FlowRecord
-from .flowcache import FlowCache
-from .gcpause import gc_paused
-from .meter import Meter
-from .netnsids import NetnsIds, default_path
-from .sink import FlowSink, MeteringStats
+from .flows.record import EndReason, FlowRecord
+from .flows.cache import FlowCache
+from .flows.gcpause import gc_paused
+from .datapath.meter import Meter
+from .datapath.netnsids import NetnsIds, default_path
+from .export.sink import FlowSink, MeteringStats
 
 log = logging.getLogger("kipfix.agent")
 
@@ -57,10 +57,10 @@ def build_sink(config: AgentConfig, pod_index=None) -> FanoutSink:
     """The configured sinks; ``pod_index`` (podmeta.PodIndex) fills the IPFIX pod elements."""
     sinks: list[FlowSink] = []
     if config.json_lines:
-        from .jsonsink import JsonLinesSink
+        from .export.jsonlines import JsonLinesSink
         sinks.append(JsonLinesSink(config.json_lines))
     if config.collectors:
-        from .ipfix.exporter import IpfixExporter
+        from .export.ipfix.exporter import IpfixExporter
         from .metrics import metered_transport
         # metered: per-collector send errors, templates sent and last send time for the metrics
         sinks.append(IpfixExporter(config.collectors, config.templates, config.observation_domain_id,
@@ -79,7 +79,7 @@ def _export_settings(config: AgentConfig) -> tuple:
 class Agent:
     def __init__(self, config: AgentConfig, config_path: str | None = None, keep_attached: bool = False,
                  pod_index=None):
-        from .attachments import AttachmentManager
+        from .datapath.attachments import AttachmentManager
 
         self.config = config
         self.pod_index = pod_index  # podmeta.PodIndex (Kubernetes): pod elements of IPFIX records

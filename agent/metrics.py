@@ -35,12 +35,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from . import bpfsys
-from .flow import DIRECTION_NAMES, EndReason
+from .datapath import bpfsys
+from .flows.record import DIRECTION_NAMES, EndReason
 
 log = logging.getLogger("kipfix.metrics")
 
-DEFAULT_PORT = 9469
 PREFIX = "kipfix_agent_"
 BPF_STATS_PATH = "/proc/sys/kernel/bpf_stats_enabled"
 STALE_SERIES_SECONDS = 3600.0  # observed-traffic series of a detached interface are dropped after this
@@ -157,7 +156,7 @@ class MeteredTransport:
 def metered_transport(config) -> "MeteredTransport":
     """Transport factory for IpfixExporter(transport_factory=...): the exporter's
     own transport, counted for the metrics from the first connect on."""
-    from .ipfix.transport import make_transport
+    from .export.ipfix.transport import make_transport
 
     return MeteredTransport(make_transport(config))
 
@@ -306,7 +305,7 @@ class AgentCollector(Collector):
                 family.add_metric([session.name], int(bool(session.transport.connected)))
 
     def _attached(self, family: GaugeMetricFamily) -> None:
-        from .attachments import group_selections
+        from .datapath.attachments import group_selections
 
         attached = {(a.netns, a.ifname) for a in self.agent.attachments.attached()}
         for netns, ifname in sorted(attached):

@@ -40,8 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import BpfStats, PinDir, VethPair, median, prog_stats, spread, test_run, udp_frame, verdict  # noqa: E402
 
-from kipfix.agent import tc  # noqa: E402
-from kipfix.agent.meter import Meter  # noqa: E402
+from kipfix.agent.datapath import tc  # noqa: E402
+from kipfix.agent.datapath.meter import Meter  # noqa: E402
 
 TARGET_NS_PER_PACKET = 50.0
 TARGET_TCP_RATIO = 0.95

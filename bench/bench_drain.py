@@ -35,9 +35,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import PinDir, median, spread, update_batch, verdict  # noqa: E402
 
-from kipfix.agent import bpfsys, tables as tables_module  # noqa: E402
-from kipfix.agent.kernelflow import KEY, VALUE, VALUE_STRIDE  # noqa: E402
-from kipfix.agent.meter import Meter  # noqa: E402
+from kipfix.agent.datapath import bpfsys, tables as tables_module  # noqa: E402
+from kipfix.agent.datapath.kernelflow import KEY, VALUE, VALUE_STRIDE  # noqa: E402
+from kipfix.agent.datapath.meter import Meter  # noqa: E402
 
 TARGET_READ_CLEAR_S = 1.0
 FILL_BATCH = 100_000  # entries per BPF_MAP_UPDATE_BATCH call

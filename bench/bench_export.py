@@ -28,13 +28,13 @@ from bench_drain import FILL_BATCH, active_table, make_keys, make_value  # noqa:
 from common import PinDir, update_batch  # noqa: E402
 
 from kipfix.agent.config import CollectorConfig, TemplateConfig  # noqa: E402
-from kipfix.agent.flowcache import FlowCache  # noqa: E402
-from kipfix.agent.gcpause import gc_paused  # noqa: E402
-from kipfix.agent.ipfix.exporter import IpfixExporter  # noqa: E402
-from kipfix.agent.ipfix.fields import fillable_names  # noqa: E402
-from kipfix.agent.kernelflow import KEY, VALUE_STRIDE  # noqa: E402
-from kipfix.agent.meter import Meter  # noqa: E402
-from kipfix.agent.sink import MeteringStats  # noqa: E402
+from kipfix.agent.flows.cache import FlowCache  # noqa: E402
+from kipfix.agent.flows.gcpause import gc_paused  # noqa: E402
+from kipfix.agent.export.ipfix.exporter import IpfixExporter  # noqa: E402
+from kipfix.agent.export.ipfix.fields import fillable_names  # noqa: E402
+from kipfix.agent.datapath.kernelflow import KEY, VALUE_STRIDE  # noqa: E402
+from kipfix.agent.datapath.meter import Meter  # noqa: E402
+from kipfix.agent.export.sink import MeteringStats  # noqa: E402
 
 MINIMAL = ["flowEndMilliseconds", "flowStartMilliseconds", "octetDeltaCount", "packetDeltaCount", "ipVersion",
            "flowDirection", "sourceIPv4Address", "destinationIPv4Address"]

@@ -21,11 +21,11 @@ import os
 import time
 
 from kipfix.agent.config import TemplateConfig
-from kipfix.agent.ipfix import fields, flowpack
-from kipfix.agent.ipfix.dummy import MINIMAL_TEMPLATE, dummy_records
-from kipfix.agent.ipfix.exporter import IpfixExporter
-from kipfix.agent.ipfix.routes import RouteResolver
-from kipfix.agent.ipfix.session import ExportSession
+from kipfix.agent.export.ipfix import fields, flowpack
+from kipfix.agent.export.ipfix.dummy import MINIMAL_TEMPLATE, dummy_records
+from kipfix.agent.export.ipfix.exporter import IpfixExporter
+from kipfix.agent.export.routes import RouteResolver
+from kipfix.agent.export.ipfix.session import ExportSession
 
 
 def best(repeat: int, function) -> tuple[float, object]:
@@ -98,7 +98,7 @@ def bench_wire(records, max_message_size: int = 1400) -> None:
     import threading
 
     from kipfix.agent.config import CollectorConfig
-    from kipfix.agent.sink import MeteringStats
+    from kipfix.agent.export.sink import MeteringStats
 
     sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)

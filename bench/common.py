@@ -16,7 +16,7 @@ import struct
 import subprocess
 from dataclasses import dataclass
 
-from kipfix.agent import bpfsys
+from kipfix.agent.datapath import bpfsys
 
 BPF_PROG_TEST_RUN = 10
 BPF_MAP_UPDATE_BATCH = 26

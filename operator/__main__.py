@@ -17,10 +17,11 @@ import logging
 import random
 import sys
 
-from kipfix.agent.kube import default_namespace, load_kube_config
+from kipfix.agent.contract import DEFAULT_OPERATOR_METRICS_PORT, default_namespace
+from kipfix.agent.kube.client import load_kube_config
 
 PEERING_NAME = "kipfix"
-METRICS_PORT = 9470
+METRICS_PORT = DEFAULT_OPERATOR_METRICS_PORT
 
 log = logging.getLogger("kipfix.operator")
 
@@ -76,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(force=True, level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run(args)
 
 

@@ -29,9 +29,9 @@ from typing import Any
 
 from kubernetes.client.rest import ApiException
 
-from kipfix.agent.kube import (AGENT_REPORT_COMPONENT, COMPONENT_LABEL, CONFIG_KEY, HASH_ANNOTATION,
-                               NAME_LABEL, NODE_ANNOTATION, NODE_CONFIG_COMPONENT, SOURCES_ANNOTATION,
-                               api_client, configmap_name)
+from kipfix.agent.contract import (AGENT_REPORT_COMPONENT, COMPONENT_LABEL, CONFIG_KEY, HASH_ANNOTATION, NAME_LABEL,
+                                   NODE_ANNOTATION, NODE_CONFIG_COMPONENT, SOURCES_ANNOTATION, configmap_name)
+from kipfix.agent.kube.client import api_client
 
 from . import render, status
 from .spec import Exporter, SpecError, parse_exporter

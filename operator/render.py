@@ -27,7 +27,7 @@ from typing import Iterable
 import yaml
 
 from kipfix.agent.config import ConfigError
-from kipfix.agent.kube import config_hash
+from kipfix.agent.contract import config_hash
 
 from .spec import Exporter, contribution, selector_matches, validate_agent_config
 

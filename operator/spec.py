@@ -29,12 +29,12 @@ from typing import Any
 from kipfix.agent import labelselector
 from kipfix.agent.config import ConfigError, parse_config
 from kipfix.agent.labelselector import selector_matches  # noqa: F401 -- render.py and tests use it from here
-from kipfix.agent.ipfix.address import split_address
-from kipfix.agent.kube import SECRET_PREFIX  # "secret:NAME/KEY": a key of a Secret the agent reads
+from kipfix.agent.export.address import split_address
+# SECRET_PREFIX: "secret:NAME/KEY" is a key of a Secret the agent reads
+from kipfix.agent.contract import DEFAULT_ACTIVE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_FLOWS, SECRET_PREFIX
 
 TLS_SECRET_KEYS = {"ca": "ca.crt", "cert": "tls.crt", "key": "tls.key"}
 TRANSPORTS = ("udp", "tcp", "tls")
-DEFAULT_IDLE, DEFAULT_ACTIVE, DEFAULT_MAX_FLOWS = 15, 60, 65536
 STAND_IN_IP = "192.0.2.1"  # TEST-NET-1: replaces host names while validating, never contacted
 
 
@@ -56,8 +56,8 @@ class Exporter:
     host_names: tuple[str, ...] = ()
     host_exclude: tuple[str, ...] = ()
     pods: dict | None = None
-    idle: int = DEFAULT_IDLE
-    active: int = DEFAULT_ACTIVE
+    idle: int = int(DEFAULT_IDLE_TIMEOUT)
+    active: int = int(DEFAULT_ACTIVE_TIMEOUT)
     max_flows: int = DEFAULT_MAX_FLOWS
     domain_fixed: int | None = 1  # None: per node
 
@@ -195,8 +195,8 @@ def parse_exporter(body: dict) -> Exporter:
     if interfaces.get("host") is None and pods is None:
         raise SpecError("spec.interfaces: give host (names in the node's network namespace), pods, or both")
     timeouts = _mapping(spec.get("timeouts"), "spec.timeouts")
-    idle = _int(timeouts.get("idle", DEFAULT_IDLE), "spec.timeouts.idle", 1, 86400)
-    active = _int(timeouts.get("active", DEFAULT_ACTIVE), "spec.timeouts.active", 1, 86400)
+    idle = _int(timeouts.get("idle", int(DEFAULT_IDLE_TIMEOUT)), "spec.timeouts.idle", 1, 86400)
+    active = _int(timeouts.get("active", int(DEFAULT_ACTIVE_TIMEOUT)), "spec.timeouts.active", 1, 86400)
     if idle > active:
         raise SpecError(f"spec.timeouts.idle: {idle} s is longer than spec.timeouts.active ({active} s); "
                         "accepted: idle <= active")

@@ -19,7 +19,7 @@ import datetime as dt
 import json
 from dataclasses import dataclass, field
 
-from kipfix.agent.kube import REPORT_ANNOTATION
+from kipfix.agent.contract import REPORT_ANNOTATION
 
 MAX_NODE_ERRORS = 100
 

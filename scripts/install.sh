@@ -55,7 +55,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 # Re-install when the packaging or the package layout changes (the editable finder maps folders),
 # or the C encoder's source does (an editable install builds it once, in place).
-layout=$( { cat pyproject.toml setup.py agent/ipfix/*.c; find agent bpf operator -name '__init__.py' | sort; } |
+layout=$( { cat pyproject.toml setup.py agent/export/ipfix/*.c; find agent bpf operator -name '__init__.py' | sort; } |
   sha256sum | cut -c1-16)
 stamp="$venv/.installed-$layout"
 if [ ! -f "$stamp" ]; then
@@ -67,7 +67,7 @@ if [ ! -f "$stamp" ]; then
 else
   log "venv up to date"
 fi
-"$venv/bin/python" -c 'import bcc, pyroute2, kipfix.agent, kipfix.agent.ipfix._flowpack' ||
+"$venv/bin/python" -c 'import bcc, pyroute2, kipfix.agent, kipfix.agent.export.ipfix._flowpack' ||
   { echo "venv check failed" >&2; exit 1; }
 if [ "$with_tests" = 1 ]; then
   bash "$repo/tests/e2e/build-tools.sh"

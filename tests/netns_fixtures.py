@@ -13,7 +13,7 @@ Fixtures
   off, so packet counts are exact): VethPair(ns_a, ns_b, if_a, if_b, ip_a, ip_b).
 - ``tc_state_file``: a private kipfix tc state file (also set as
   $KIPFIX_TC_STATE) so tests never write /run/kipfix.
-- ``tc_programs``: kipfix.agent.tc.Programs of a trivial BCC SCHED_CLS program
+- ``tc_programs``: kipfix.agent.datapath.tc.Programs of a trivial BCC SCHED_CLS program
   returning TC_ACT_UNSPEC (session scope).
 - ``bpf_counter``: factory: ``bpf_counter(action=-1)`` loads a SCHED_CLS
   program that counts packets and returns ``action``; returns a
@@ -169,7 +169,7 @@ def tc_state_file(tmp_path, monkeypatch) -> str:
 def tc_programs():
     from bcc import BPF
 
-    from kipfix.agent.tc import Programs
+    from kipfix.agent.datapath.tc import Programs
 
     bpf = BPF(text=b"int kipfix_test(struct __sk_buff *skb) { return -1; }")
     fn = bpf.load_func(b"kipfix_test", BPF.SCHED_CLS)

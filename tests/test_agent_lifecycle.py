@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from agentproc import totals, wait_for
-from kipfix.agent.netnsids import default_path
+from kipfix.agent.datapath.netnsids import default_path
 from router import link_stats, sh
 from test_metering_exact import iperf3
 

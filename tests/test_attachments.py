@@ -8,10 +8,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from kipfix.agent import tc
-from kipfix.agent.attachments import AttachmentManager, Attached
+from kipfix.agent.datapath import tc
+from kipfix.agent.datapath.attachments import AttachmentManager, Attached
 from kipfix.agent.config import InterfaceSelection
-from kipfix.agent.netnsids import NetnsIds, classid
+from kipfix.agent.datapath.netnsids import NetnsIds, classid
 
 try:  # fixtures (conftest may import them too); tests/ may or may not be a package
     from netns_fixtures import *  # noqa: F401,F403

@@ -18,9 +18,9 @@ import uuid
 
 import pytest
 
-from kipfix.agent import tc
-from kipfix.agent.flow import EGRESS, INGRESS
-from kipfix.agent.meter import Meter
+from kipfix.agent.datapath import tc
+from kipfix.agent.flows.record import EGRESS, INGRESS
+from kipfix.agent.datapath.meter import Meter
 from router import sh
 
 pytestmark = pytest.mark.root

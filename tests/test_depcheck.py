@@ -16,7 +16,8 @@ import sys
 
 import pytest
 
-from kipfix.agent import depcheck, headers
+from kipfix.agent import depcheck
+from kipfix.agent.datapath import headers, requirements
 
 RELEASE = platform.release()
 NAMES = [
@@ -55,7 +56,7 @@ def test_every_check_is_valid_here():
     assert by["bpf syscall"].detail == "created and removed a BPF array map"
     assert by["kernel headers"].detail == headers.find_kernel_headers().description
     assert not by["btf"].required and not by["iproute2"].required and not by["ipfix encoder"].required
-    assert by["ipfix encoder"].detail == "C (kipfix.agent.ipfix._flowpack)"
+    assert by["ipfix encoder"].detail == "C (kipfix.agent.export.ipfix._flowpack)"
 
 
 def test_versions_match_independent_sources():
@@ -139,14 +140,14 @@ def test_register_adds_subcommand(capsys):
     ],
 )
 def test_kernel_version(release, valid, detail):
-    r = depcheck.check_kernel(release)
+    r = requirements.check_kernel(release)
     assert (r.valid, r.detail) == (valid, detail)
 
 
 def test_bpffs_not_mounted(tmp_path):
     mounts = tmp_path / "mounts"
     mounts.write_text("proc /proc proc rw 0 0\n")
-    r = depcheck.check_bpffs(mounts=str(mounts))
+    r = requirements.check_bpffs(mounts=str(mounts))
     assert (r.valid, r.detail) == (False, "not mounted at /sys/fs/bpf: mount -t bpf bpf /sys/fs/bpf")
 
 
@@ -157,7 +158,7 @@ def ns_inode(path="/proc/self/ns/net") -> int:
 def test_checks_leave_nothing_behind():
     before_ns = ns_inode()
     before_fds = sorted(os.listdir("/proc/self/fd"))
-    probe_ns = depcheck._clsact_in_throwaway_netns()
+    probe_ns = requirements._clsact_in_throwaway_netns()
     depcheck.run_checks()
     assert probe_ns != before_ns
     assert ns_inode() == before_ns  # the process did not move
@@ -168,15 +169,15 @@ def test_checks_leave_nothing_behind():
 
 
 def test_require_runtime_returns_headers_and_keeps_env():
-    found = depcheck.require_runtime()
+    found = requirements.require_runtime()
     assert found == headers.find_kernel_headers()
     assert headers.BCC_ENV not in os.environ
 
 
 def test_require_runtime_names_missing_headers(tmp_path, monkeypatch):
     monkeypatch.setenv(headers.FALLBACK_ENV, str(tmp_path / "fallback"))
-    with pytest.raises(depcheck.RuntimeRequirementMissing) as e:
-        depcheck.require_runtime(modules_dir=str(tmp_path))
+    with pytest.raises(requirements.RuntimeRequirementMissing) as e:
+        requirements.require_runtime(modules_dir=str(tmp_path))
     assert [r.name for r in e.value.results] == ["kernel headers"]
     assert str(e.value).startswith("cannot run the metering program: kernel headers: no kernel headers for BCC")
     assert "scripts/kernel-headers.sh" in str(e.value)
@@ -190,9 +191,9 @@ def run_deprived(prefix: list[str], code: str) -> subprocess.CompletedProcess:
 
 CHECK_LINES = "from kipfix.agent import depcheck; import sys; sys.exit(depcheck.main([]))"
 GATE = (
-    "from kipfix.agent import depcheck\n"
-    "try:\n    depcheck.require_runtime()\n"
-    "except depcheck.RuntimeRequirementMissing as e:\n    print(e)\n"
+    "from kipfix.agent.datapath import requirements\n"
+    "try:\n    requirements.require_runtime()\n"
+    "except requirements.RuntimeRequirementMissing as e:\n    print(e)\n"
 )
 
 
@@ -205,7 +206,7 @@ def test_unprivileged_user_is_told_to_run_as_root():
     hint = "run as root or with CAP_BPF+CAP_NET_ADMIN"
     assert rows["bpf syscall"][0] == "INVALID"
     assert rows["bpf syscall"][1].startswith("creating a BPF map: Operation not permitted: " + hint)
-    assert rows["clsact"] == ("INVALID", "no CAP_NET_ADMIN to add a clsact qdisc: " + depcheck.PERMISSION_HINT)
+    assert rows["clsact"] == ("INVALID", "no CAP_NET_ADMIN to add a clsact qdisc: " + requirements.PERMISSION_HINT)
     assert rows["kernel headers"][0] == "VALID"
 
     gate = run_deprived(prefix, GATE)

@@ -2,8 +2,8 @@
 
 import ipaddress
 
-from kipfix.agent.flow import EndReason, FlowCounters, FlowKey, TCP_FIN
-from kipfix.agent.flowcache import FlowCache, monotonic_ns, wall_offset_ns
+from kipfix.agent.flows.record import EndReason, FlowCounters, FlowKey, TCP_FIN
+from kipfix.agent.flows.cache import FlowCache, monotonic_ns, wall_offset_ns
 
 S = 1_000_000_000
 

@@ -18,11 +18,11 @@ import sys
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from kipfix.agent.flow import FlowRecord
-from kipfix.agent.ipfix import fields, flowpack
-from kipfix.agent.ipfix.dummy import dummy_records
-from kipfix.agent.ipfix.template import Template
-from kipfix.agent.podmeta import PodIndex, PodInfo, Succession
+from kipfix.agent.flows.record import FlowRecord
+from kipfix.agent.export.ipfix import fields, flowpack
+from kipfix.agent.export.ipfix.dummy import dummy_records
+from kipfix.agent.export.ipfix.template import Template
+from kipfix.agent.kube.podmeta import PodIndex, PodInfo, Succession
 
 from test_ipfix_properties import flow_records
 
@@ -74,7 +74,7 @@ def packers(names, family, routes, pods, monkeypatch):
 
 
 def test_the_extension_is_built_and_has_a_step_for_every_fillable_element():
-    assert flowpack.AVAILABLE, "kipfix.agent.ipfix._flowpack is not built: pip install -e . needs gcc and python3-dev"
+    assert flowpack.AVAILABLE, "kipfix.agent.export.ipfix._flowpack is not built: pip install -e . needs gcc and python3-dev"
     assert flowpack.step_names() == set(fields.EXPRESSIONS)
 
 

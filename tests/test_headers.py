@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from kipfix.agent import headers
-from kipfix.agent.headers import KernelHeadersMissing, find_kernel_headers, prepare_bcc_environment
+from kipfix.agent.datapath import headers
+from kipfix.agent.datapath.headers import KernelHeadersMissing, find_kernel_headers, prepare_bcc_environment
 
 RELEASE = platform.release()
 ARCH = headers.arch_dir()

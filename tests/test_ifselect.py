@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kipfix.agent.ifselect import PatternError, Selector, parse_pattern, validate_patterns
+from kipfix.agent.datapath.ifselect import PatternError, Selector, parse_pattern, validate_patterns
 
 NAMES = ["lo", "eth0", "eth1", "eth10", "veth0a1b", "veth9", "cali1234abcd", "wg0", "br-lan"]
 

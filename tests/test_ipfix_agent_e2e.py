@@ -19,8 +19,8 @@ from collections import Counter
 import pytest
 
 from agentproc import AgentProcess, totals, wait_for
-from kipfix.agent.ipfix.collector import Collector
-from kipfix.agent.ipfix.fields import fillable_names
+from kipfix.agent.collector.server import Collector
+from kipfix.agent.export.ipfix.fields import fillable_names
 from router import Router, link_stats, sh
 from test_metering_exact import iperf3
 

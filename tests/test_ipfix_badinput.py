@@ -9,15 +9,15 @@ import struct
 import pytest
 
 from kipfix.agent.config import CollectorConfig, TemplateConfig, TLSConfig
-from kipfix.agent.ipfix import fields, infomodel
-from kipfix.agent.ipfix.address import parse_collector_address
-from kipfix.agent.ipfix.collector import Collector
-from kipfix.agent.ipfix.decoder import MalformedMessage, TemplateStore, decode_message
-from kipfix.agent.ipfix.dummy import MINIMAL_TEMPLATE, dummy_records
-from kipfix.agent.ipfix.exporter import IpfixExporter
-from kipfix.agent.ipfix.session import build_flow_templates
-from kipfix.agent.ipfix.transport import tls_context
-from kipfix.agent.sink import MeteringStats
+from kipfix.agent.export.ipfix import fields, infomodel
+from kipfix.agent.export.address import parse_collector_address
+from kipfix.agent.collector.server import Collector
+from kipfix.agent.export.ipfix.decoder import MalformedMessage, TemplateStore, decode_message
+from kipfix.agent.export.ipfix.dummy import MINIMAL_TEMPLATE, dummy_records
+from kipfix.agent.export.ipfix.exporter import IpfixExporter
+from kipfix.agent.export.ipfix.session import build_flow_templates
+from kipfix.agent.export.ipfix.transport import tls_context
+from kipfix.agent.export.sink import MeteringStats
 
 
 @pytest.mark.parametrize("name", ["flowEndMilliseconds", "FlowEndMilliseconds", "FLOWENDMILLISECONDS"])

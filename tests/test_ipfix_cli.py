@@ -9,12 +9,12 @@ import sys
 
 import pytest
 
-from kipfix.agent.ipfix import cli
-from kipfix.agent.ipfix.collector import Collector
+from kipfix.agent.cli import ipfix as cli
+from kipfix.agent.collector.server import Collector
 
 PARSER_SCRIPT = """
 import argparse, sys
-from kipfix.agent.ipfix import cli
+from kipfix.agent.cli import ipfix as cli
 parser = argparse.ArgumentParser(prog="kipfix")
 cli.register(parser.add_subparsers(dest="command", required=True))
 args = parser.parse_args(sys.argv[1:])

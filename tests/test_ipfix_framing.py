@@ -7,7 +7,7 @@ import struct
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from kipfix.agent.ipfix.message import HEADER, SET_HEADER, RecordTooLarge, pack_sets
+from kipfix.agent.export.ipfix.message import HEADER, SET_HEADER, RecordTooLarge, pack_sets
 
 
 @st.composite

@@ -7,13 +7,13 @@ import ipaddress
 from hypothesis import given, settings, strategies as st
 
 from kipfix.agent.config import TemplateConfig
-from kipfix.agent.flow import EndReason, FlowKey, FlowRecord
-from kipfix.agent.ipfix import fields
-from kipfix.agent.ipfix.decoder import TemplateStore, decode_message
-from kipfix.agent.ipfix.exporter import IpfixExporter, system_init_ms
-from kipfix.agent.ipfix.infomodel import InfoModel, InformationElement, default_model, lookup
-from kipfix.agent.ipfix.session import ExportSession
-from kipfix.agent.ipfix.template import Template, compile_value_packer
+from kipfix.agent.flows.record import EndReason, FlowKey, FlowRecord
+from kipfix.agent.export.ipfix import fields
+from kipfix.agent.export.ipfix.decoder import TemplateStore, decode_message
+from kipfix.agent.export.ipfix.exporter import IpfixExporter, system_init_ms
+from kipfix.agent.export.ipfix.infomodel import InfoModel, InformationElement, default_model, lookup
+from kipfix.agent.export.ipfix.session import ExportSession
+from kipfix.agent.export.ipfix.template import Template, compile_value_packer
 
 from test_ipfix_roundtrip import expected_values
 

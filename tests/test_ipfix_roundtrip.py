@@ -20,12 +20,12 @@ import uuid
 import pytest
 
 from kipfix.agent.config import CollectorConfig, TemplateConfig
-from kipfix.agent.flow import EndReason, FlowKey, FlowRecord
-from kipfix.agent.ipfix import fields
-from kipfix.agent.ipfix.collector import Collector
-from kipfix.agent.ipfix.exporter import IpfixExporter
-from kipfix.agent.ipfix.routes import RouteResolver
-from kipfix.agent.sink import MeteringStats
+from kipfix.agent.flows.record import EndReason, FlowKey, FlowRecord
+from kipfix.agent.export.ipfix import fields
+from kipfix.agent.collector.server import Collector
+from kipfix.agent.export.ipfix.exporter import IpfixExporter
+from kipfix.agent.export.routes import RouteResolver
+from kipfix.agent.export.sink import MeteringStats
 
 MINIMAL = ("FlowEndMilliseconds", "FlowStartMilliseconds", "OctetDeltaCount", "PacketDeltaCount",
            "IpVersion", "FlowDirection", "SourceIPv4Address", "DestinationIPv4Address")

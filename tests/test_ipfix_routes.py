@@ -6,7 +6,7 @@ import ipaddress
 import subprocess
 import time
 
-from kipfix.agent.ipfix.routes import RouteResolver
+from kipfix.agent.export.routes import RouteResolver
 
 from test_ipfix_roundtrip import ROUTES, route_netns  # noqa: F401 - fixture
 
@@ -76,7 +76,7 @@ def test_a_route_change_during_a_lookup_leaves_no_stale_entry(route_netns):  # n
 def test_missing_namespace_is_reported_once(caplog):
     resolver = RouteResolver()
     try:
-        with caplog.at_level("WARNING", logger="kipfix.agent.ipfix.routes"):
+        with caplog.at_level("WARNING", logger="kipfix.agent.export.routes"):
             for _ in range(100):
                 assert resolver("kipfix-no-such-netns", ip("10.0.0.1")) == (0, bytes(4))
                 assert resolver("kipfix-no-such-netns", ip("fd00::1")) == (0, bytes(16))
@@ -105,7 +105,7 @@ def test_host_namespace_by_its_label(caplog):
     """The agent labels host-netns flows "host"; that is the resolver's own namespace, not /var/run/netns/host."""
     resolver = RouteResolver()
     try:
-        with caplog.at_level("WARNING", logger="kipfix.agent.ipfix.routes"):
+        with caplog.at_level("WARNING", logger="kipfix.agent.export.routes"):
             for address in (ip("127.0.0.1"), ip("192.0.2.1"), ip("::1")):
                 assert resolver("host", address) == resolver("", address)
         assert caplog.records == []

@@ -6,15 +6,15 @@ import struct
 import threading
 
 from kipfix.agent.config import CollectorConfig, TemplateConfig
-from kipfix.agent.ipfix.collector import Collector
-from kipfix.agent.ipfix.decoder import TemplateStore, decode_message
-from kipfix.agent.ipfix.dummy import MINIMAL_TEMPLATE, dummy_records
-from kipfix.agent.ipfix.exporter import IpfixExporter
-from kipfix.agent.ipfix.session import ExportSession
-from kipfix.agent.ipfix.transport import UdpTransport
-from kipfix.agent.ipfix.template import Template, compile_value_packer
-from kipfix.agent.ipfix.infomodel import lookup
-from kipfix.agent.sink import MeteringStats
+from kipfix.agent.collector.server import Collector
+from kipfix.agent.export.ipfix.decoder import TemplateStore, decode_message
+from kipfix.agent.export.ipfix.dummy import MINIMAL_TEMPLATE, dummy_records
+from kipfix.agent.export.ipfix.exporter import IpfixExporter
+from kipfix.agent.export.ipfix.session import ExportSession
+from kipfix.agent.export.ipfix.transport import UdpTransport
+from kipfix.agent.export.ipfix.template import Template, compile_value_packer
+from kipfix.agent.export.ipfix.infomodel import lookup
+from kipfix.agent.export.sink import MeteringStats
 
 MINIMAL_V4_LENGTH = 8 + 8 + 8 + 8 + 1 + 1 + 4 + 4  # octets of one record of the minimal template
 

@@ -9,10 +9,10 @@ import subprocess
 import pytest
 
 from kipfix.agent.config import CollectorConfig, TemplateConfig, TLSConfig
-from kipfix.agent.ipfix.collector import Collector
-from kipfix.agent.ipfix.dummy import MINIMAL_TEMPLATE, dummy_records
-from kipfix.agent.ipfix.exporter import IpfixExporter
-from kipfix.agent.sink import MeteringStats
+from kipfix.agent.collector.server import Collector
+from kipfix.agent.export.ipfix.dummy import MINIMAL_TEMPLATE, dummy_records
+from kipfix.agent.export.ipfix.exporter import IpfixExporter
+from kipfix.agent.export.sink import MeteringStats
 
 TEMPLATES = (TemplateConfig(256, MINIMAL_TEMPLATE),)
 

@@ -9,7 +9,8 @@ import time
 import pytest
 from kubernetes import client
 
-from kipfix.agent import kube
+from kipfix.agent import kubeagent
+from kipfix.agent.kube import client as kube_client
 
 
 @pytest.fixture
@@ -43,7 +44,7 @@ def _api(port: int) -> client.ApiClient:
     configuration = client.Configuration()
     configuration.host = f"https://127.0.0.1:{port}"
     configuration.verify_ssl = False
-    return kube.api_client(configuration)
+    return kube_client.api_client(configuration)
 
 
 def _wait_for_records(caplog, text: str, count: int, seconds: float) -> list[str]:
@@ -58,11 +59,12 @@ def _wait_for_records(caplog, text: str, count: int, seconds: float) -> list[str
 
 def test_config_watch_and_report_retry_when_the_api_server_never_answers(silent_server, caplog, monkeypatch):
     port, accepted = silent_server
-    monkeypatch.setattr(kube, "REQUEST_TIMEOUT", (1, 1))
+    monkeypatch.setattr(kube_client, "REQUEST_TIMEOUT", (1, 1))  # every call
+    monkeypatch.setattr(kubeagent, "REQUEST_TIMEOUT", (1, 1))  # the watch's connect timeout
     caplog.set_level(logging.WARNING, logger="kipfix")
-    mode = kube.KubernetesMode("node-x", "kipfix", api=_api(port), agent_factory=lambda *a: None,
+    mode = kubeagent.KubernetesMode("node-x", "kipfix", api=_api(port), agent_factory=lambda *a: None,
                                serve_metrics=False)
-    monkeypatch.setattr(kube, "RENEW_SECONDS", 0.5)
+    monkeypatch.setattr(kubeagent, "RENEW_SECONDS", 0.5)
     threads = [threading.Thread(target=mode.watch_config, daemon=True),
                threading.Thread(target=mode.report_loop, daemon=True)]
     for thread in threads:

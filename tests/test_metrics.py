@@ -16,20 +16,20 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client import CollectorRegistry
 
-from kipfix.agent import bpfsys
-from kipfix.agent.attachments import Attached
+from kipfix.agent.datapath import bpfsys
+from kipfix.agent.datapath.attachments import Attached
 from kipfix.agent.config import CollectorConfig, ConfigError, TemplateConfig, parse_config
 from kipfix.agent.daemon import FanoutSink, build_sink
-from kipfix.agent.flow import EGRESS, INGRESS, PROTO_UDP, EndReason, FlowCounters, FlowKey
-from kipfix.agent.flowcache import FlowCache
-from kipfix.agent.ipfix.collector import Collector
-from kipfix.agent.ipfix.dummy import MINIMAL_TEMPLATE, dummy_records
-from kipfix.agent.ipfix.exporter import IpfixExporter
-from kipfix.agent.ipfix.session import ExportSession
-from kipfix.agent.ipfix.transport import TransportError
-from kipfix.agent.metrics import (AgentMetrics, MeteredTransport, ObservedTraffic, error_reason,
-                                  metered_transport, serve_metrics, start_agent_metrics, template_records)
-from kipfix.agent.sink import MeteringStats
+from kipfix.agent.flows.record import EGRESS, INGRESS, PROTO_UDP, EndReason, FlowCounters, FlowKey
+from kipfix.agent.flows.cache import FlowCache
+from kipfix.agent.collector.server import Collector
+from kipfix.agent.export.ipfix.dummy import MINIMAL_TEMPLATE, dummy_records
+from kipfix.agent.export.ipfix.exporter import IpfixExporter
+from kipfix.agent.export.ipfix.session import ExportSession
+from kipfix.agent.export.ipfix.transport import TransportError
+from kipfix.agent.metrics import (AgentMetrics, MeteredTransport, ObservedTraffic, error_reason, metered_transport,
+                                  serve_metrics, start_agent_metrics, template_records)
+from kipfix.agent.export.sink import MeteringStats
 
 P = "kipfix_agent_"
 

@@ -18,7 +18,7 @@ from kubernetes.client.rest import ApiException
 from prometheus_client import CollectorRegistry
 from urllib3.exceptions import ProtocolError
 
-from kipfix.agent.kube import HASH_ANNOTATION, NODE_ANNOTATION, REPORT_ANNOTATION
+from kipfix.agent.contract import HASH_ANNOTATION, NODE_ANNOTATION, REPORT_ANNOTATION
 from kipfix.operator import handlers
 from kipfix.operator.metrics import OperatorMetrics, ready_value
 from kipfix.operator.reconcile import Reconciler

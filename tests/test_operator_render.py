@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from kipfix.agent.config import parse_config
-from kipfix.agent.kube import config_hash, resolve_secret_files
+from kipfix.agent.contract import config_hash
+from kipfix.agent.kube.secrets import resolve_secret_files
 from kipfix.operator import status
 from kipfix.operator.render import plan
 from kipfix.operator.spec import SpecError, parse_exporter, per_node_domain_id, selector_matches

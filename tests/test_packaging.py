@@ -27,4 +27,4 @@ def test_wheel_contains_every_package_and_data_file(tmp_path):
                 expected.add(f"{package}/{path.relative_to(ROOT / folder)}")
     assert expected - names == set()
     # the C data-record encoder, built (the agent's BPF C is compiled at run time, this at install time)
-    assert [n for n in names if n.startswith("kipfix/agent/ipfix/_flowpack.") and n.endswith(".so")]
+    assert [n for n in names if n.startswith("kipfix/agent/export/ipfix/_flowpack.") and n.endswith(".so")]

@@ -8,8 +8,8 @@ import uuid
 
 import pytest
 
-from kipfix.agent import tc
-from kipfix.agent.meter import Meter
+from kipfix.agent.datapath import tc
+from kipfix.agent.datapath.meter import Meter
 from router import Router, sh
 
 pytestmark = pytest.mark.root

@@ -22,13 +22,13 @@ import pytest
 
 from kipfix.agent.config import CollectorConfig, TemplateConfig, parse_config
 from kipfix.agent.daemon import build_sink
-from kipfix.agent.flow import EndReason, FlowKey, FlowRecord
-from kipfix.agent.ipfix import fields
-from kipfix.agent.ipfix.collector import Collector, record_line
-from kipfix.agent.ipfix.decoder import DecodedRecord
-from kipfix.agent.ipfix.exporter import IpfixExporter
-from kipfix.agent.podmeta import PodIndex, PodInfo
-from kipfix.agent.sink import MeteringStats
+from kipfix.agent.flows.record import EndReason, FlowKey, FlowRecord
+from kipfix.agent.export.ipfix import fields
+from kipfix.agent.collector.server import Collector, record_line
+from kipfix.agent.export.ipfix.decoder import DecodedRecord
+from kipfix.agent.export.ipfix.exporter import IpfixExporter
+from kipfix.agent.kube.podmeta import PodIndex, PodInfo
+from kipfix.agent.export.sink import MeteringStats
 
 from test_ipfix_cli import start_collect
 from test_ipfix_roundtrip import BASE_NS, wait_for_probe

@@ -14,11 +14,11 @@ import uuid
 import pytest
 
 from kipfix.agent.config import ConfigError, PodSelection, parse_config
-from kipfix.agent.dedup import VethDedup
-from kipfix.agent.flow import FlowCounters, FlowKey
-from kipfix.agent.podmeta import PodInfo
-from kipfix.agent.podmetering import PodMetering
-from kipfix.agent.podnetns import NetnsFinder
+from kipfix.agent.flows.dedup import VethDedup
+from kipfix.agent.flows.record import FlowCounters, FlowKey
+from kipfix.agent.kube.podmeta import PodInfo
+from kipfix.agent.kube.podmetering import PodMetering
+from kipfix.agent.kube.podnetns import NetnsFinder
 
 NODE = "node-1"
 

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from kipfix.agent.podmeta import EMPTY_META, MAX_CLAIMS, PodIndex, PodInfo, Succession, pod_info
+from kipfix.agent.kube.podmeta import EMPTY_META, MAX_CLAIMS, PodIndex, PodInfo, Succession, pod_info
 
 
 def ip(text: str) -> bytes:

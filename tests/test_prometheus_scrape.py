@@ -29,7 +29,7 @@ import yaml
 from agentproc import AgentProcess, wait_for
 from router import link_stats, sh
 
-from kipfix.agent import bpfsys
+from kipfix.agent.datapath import bpfsys
 
 REPO = Path(__file__).resolve().parents[1]
 ALERTS = REPO / "deploy" / "prometheus" / "kipfix-alerts.yaml"

@@ -8,9 +8,9 @@ import subprocess
 
 import pytest
 
-from kipfix.agent import tc
-from kipfix.agent.netns import NetnsError, NetnsNotFound, NetnsRef, netns_cookie, run_in_netns
-from kipfix.agent.tc import HANDLE, PRIO, InterfaceNotFound, Programs
+from kipfix.agent.datapath import tc
+from kipfix.agent.datapath.netns import NetnsError, NetnsNotFound, NetnsRef, netns_cookie, run_in_netns
+from kipfix.agent.datapath.tc import HANDLE, PRIO, InterfaceNotFound, Programs
 
 try:  # fixtures (conftest may import them too); tests/ may or may not be a package
     from netns_fixtures import *  # noqa: F401,F403
@@ -43,7 +43,7 @@ def add_foreign_filter(ns: str, ifindex: int, fd: int, hook: str = "ingress") ->
 
 
 def tc_iproute(ns: str):
-    from kipfix.agent.netns import iproute
+    from kipfix.agent.datapath.netns import iproute
 
     return iproute(NetnsRef.parse(ns))
 
@@ -150,7 +150,7 @@ def test_ownership_survives_process_boundaries(veth_pair, tc_programs, tc_state_
     with open(tc_state_file) as f:
         state = json.load(f)
     assert [e["ifname"] for e in state["clsact_owned"].values()] == [ifname]
-    code = ("from kipfix.agent import tc; import sys; "
+    code = ("from kipfix.agent.datapath import tc; import sys; "
             f"sys.exit(0 if tc.detach({ns!r}, {ifname!r}) == 2 else 1)")
     subprocess.run([os.sys.executable, "-c", code], check=True,
                    env={**os.environ, "KIPFIX_TC_STATE": tc_state_file})

@@ -10,7 +10,7 @@ import contextlib
 import socket
 import threading
 
-from kipfix.agent.netns import run_in_netns
+from kipfix.agent.datapath.netns import run_in_netns
 
 
 class TcpForwarder:

@@ -30,7 +30,8 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from kipfix.agent.config import parse_config
-from kipfix.agent.kube import CONFIG_KEY, HASH_ANNOTATION, KubernetesMode, config_hash, configmap_name
+from kipfix.agent.contract import CONFIG_KEY, HASH_ANNOTATION, config_hash, configmap_name
+from kipfix.agent.kubeagent import KubernetesMode
 from kipfix.operator.rbac import AGENT_RULES, OPERATOR_RULES
 
 REPO = Path(__file__).resolve().parents[2]

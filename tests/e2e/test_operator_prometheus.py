@@ -33,7 +33,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_operator import GROUP, PLURAL, V4, VERSION, install_crds, wait_for
 from test_prometheus_scrape import ALERTS, Prometheus, free_port, needs_prometheus
 
-from kipfix.agent.kube import CONFIG_KEY, HASH_ANNOTATION, KubernetesMode, NodeReporter, configmap_name
+from kipfix.agent.contract import CONFIG_KEY, HASH_ANNOTATION, configmap_name
+from kipfix.agent.kubeagent import KubernetesMode
+from kipfix.agent.kube.report import NodeReporter
 
 NAMESPACE = "kipfix-opm-e2e"
 LABEL = "kipfix-opm-e2e/role"

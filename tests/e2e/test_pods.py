@@ -32,8 +32,8 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from controlplane import SimulatedNodes
-from kipfix.agent.ipfix.collector import Collector
-from kipfix.agent.kube import CONFIG_KEY, configmap_name, lease_name
+from kipfix.agent.collector.server import Collector
+from kipfix.agent.contract import CONFIG_KEY, configmap_name, lease_name
 from kipfix.operator.rbac import AGENT_RULES
 from test_operator import NAMESPACE, _free_port, _rbac_objects, install_crds, wait_for
 from test_user_flow import run as sh

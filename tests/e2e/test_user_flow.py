@@ -44,8 +44,8 @@ import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from kipfix.agent.ipfix.collector import Collector
-from kipfix.agent.kube import CONFIG_KEY, HASH_ANNOTATION, configmap_name, lease_name
+from kipfix.agent.collector.server import Collector
+from kipfix.agent.contract import CONFIG_KEY, HASH_ANNOTATION, configmap_name, lease_name
 from forwarder import TcpForwarder
 from test_operator import _free_port, wait_for
 

@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from .kube import REQUEST_TIMEOUT
+from ..contract import REQUEST_TIMEOUT
 from .podmeta import PodIndex, pod_info
 from .podmetering import PodMetering
 

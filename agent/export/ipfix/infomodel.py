@@ -14,8 +14,9 @@ import functools
 from dataclasses import dataclass, replace
 from importlib import resources
 
+from ...contract import DEFAULT_PEN
+
 VARLEN = 65535  # RFC 7011 7: field length 65535 announces a variable-length field
-DEFAULT_PEN = 32473  # RFC 5612 documentation PEN, kipfix's default enterprise number
 
 # Abstract data type -> (default length, struct format character or None).
 # Variable-length types (string, octetArray) have length None.

@@ -6,7 +6,7 @@ import json
 import sys
 from typing import Sequence
 
-from .flow import DIRECTION_NAMES, PROTO_NAMES, FlowRecord
+from ..flows.record import DIRECTION_NAMES, PROTO_NAMES, FlowRecord
 from .sink import MeteringStats
 
 

@@ -25,12 +25,13 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from ..flow import FlowRecord
+from ...contract import DEFAULT_PEN
+from ...flows.record import FlowRecord
+from ..routes import RouteResolver
 from ..sink import MeteringStats
 from . import fields
 from .message import HEADER_LENGTH, SET_HEADER_LENGTH
 from .options import ExportCounters, OptionsReporter
-from .routes import RouteResolver
 from .session import ExportSession, FlowTemplate, build_flow_templates, free_ids
 from .template import Template
 from .transport import TransportError, make_transport
@@ -287,7 +288,7 @@ class IpfixExporter:
     """
 
     def __init__(self, collectors: Sequence, templates: Sequence, observation_domain_id: int,
-                 enterprise_number: int = 32473, *, exporting_process_id: int | None = None,
+                 enterprise_number: int = DEFAULT_PEN, *, exporting_process_id: int | None = None,
                  route_resolver: Callable | None = None, pod_lookup: Callable | None = None,
                  chunk_size: int = DEFAULT_CHUNK,
                  reconnect_initial: float = 0.5, reconnect_max: float = 30.0,

@@ -16,7 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from .flow import TCP_FIN, TCP_RST, EndReason, FlowCounters, FlowKey, FlowRecord
+from .record import TCP_FIN, TCP_RST, EndReason, FlowCounters, FlowKey, FlowRecord
 
 CacheKey = tuple[int, FlowKey]  # (netns_id, key)
 # (netns_id, ifindex) -> (netns name, interface name)

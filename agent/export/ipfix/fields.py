@@ -29,7 +29,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from ..flow import FlowKey
+from ...flows.record import FlowKey
 from .infomodel import InformationElement, default_model, lookup
 
 Z4 = bytes(4)

@@ -8,9 +8,9 @@ import json
 import logging
 import sys
 
-from . import __version__
-from .config import DEFAULT_PIN_PATH, MAX_FLOWS_RANGE
-from .flow import DIRECTION_NAMES, PROTO_NAMES, FlowKey
+from .. import __version__
+from ..config import DEFAULT_PIN_PATH, MAX_FLOWS_RANGE
+from ..flows.record import DIRECTION_NAMES, PROTO_NAMES, FlowKey
 
 log = logging.getLogger("kipfix")
 
@@ -64,7 +64,7 @@ def _flow_columns(key: FlowKey) -> tuple[str, str, str]:
 # ---- dump / flush -------------------------------------------------------------
 
 def _open_tables(args):
-    from .tables import FlowTables, TablesNotFound
+    from ..datapath.tables import FlowTables, TablesNotFound
 
     try:
         return FlowTables(args.pin_path)
@@ -74,7 +74,7 @@ def _open_tables(args):
 
 
 def cmd_dump(args) -> int:
-    from .netnsids import NetnsIds, default_path
+    from ..datapath.netnsids import NetnsIds, default_path
 
     ids = NetnsIds(default_path(args.pin_path))
     with _open_tables(args) as tables:
@@ -126,8 +126,8 @@ def cmd_flush(args) -> int:
 # ---- meter attach / detach / status ---------------------------------------------
 
 def cmd_meter(args) -> int:
-    from . import tc
-    from .netns import NetnsRef
+    from ..datapath import tc
+    from ..datapath.netns import NetnsRef
 
     netns = NetnsRef.parse(args.netns)
     if args.action == "status":
@@ -153,8 +153,8 @@ def cmd_meter(args) -> int:
                 print(f"kipfix: {err}", file=sys.stderr)
                 failures += 1
         return 1 if failures else 0
-    from .meter import Meter
-    from .netnsids import NetnsIds, default_path, programs_for
+    from ..datapath.meter import Meter
+    from ..datapath.netnsids import NetnsIds, default_path, programs_for
 
     meter = Meter(args.max_flows, args.pin_path)
     ids = NetnsIds(default_path(args.pin_path))
@@ -175,21 +175,22 @@ def cmd_meter(args) -> int:
 
 def cmd_agent(args) -> int:
     if args.kubernetes:
-        from .kube import run_kubernetes_agent
+        from ..kubeagent import run_kubernetes_agent
 
         return run_kubernetes_agent(keep_attached=args.keep_attached)
     if not args.config:
         print("kipfix agent: give --config FILE, or --kubernetes to take the config from the API", file=sys.stderr)
         return 2
-    from .daemon import run_agent
+    from ..daemon import run_agent
 
     return run_agent(args.config, keep_attached=args.keep_attached)
 
 
 def cmd_operator(args) -> int:
-    from kipfix.operator.__main__ import run
+    """``kipfix operator ARGS`` is ``python -m kipfix.operator ARGS``: the operator's own entry point."""
+    from kipfix.operator.__main__ import main as operator_main
 
-    return run(args)
+    return operator_main([*args.operator_args, f"--log-level={args.log_level}"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,9 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "so a restarted agent continues without a gap")
     agent.set_defaults(func=cmd_agent)
 
-    operator = sub.add_parser("operator", help="run the Kubernetes operator (FlowExporter -> node ConfigMaps)")
-    from kipfix.operator.__main__ import add_arguments as add_operator_arguments
-    add_operator_arguments(operator)
+    operator = sub.add_parser("operator", add_help=False,
+                              help="run the Kubernetes operator (FlowExporter -> node ConfigMaps); "
+                                   "kipfix operator --help lists its options")
+    operator.add_argument("operator_args", nargs=argparse.REMAINDER)
     operator.set_defaults(func=cmd_operator)
 
     meter = sub.add_parser("meter", help="attach, detach or show kipfix's tc filters")
@@ -237,9 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     flush.add_argument("--pin-path", default=DEFAULT_PIN_PATH)
     flush.set_defaults(func=cmd_flush)
 
-    from . import depcheck
+    from .. import depcheck
     depcheck.register(sub)
-    from .ipfix import cli as ipfix_cli
+    from . import ipfix as ipfix_cli
     ipfix_cli.register(sub)
     return parser
 

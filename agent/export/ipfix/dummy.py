@@ -7,7 +7,9 @@ import random
 import time
 from typing import Sequence
 
-from ..flow import EGRESS, INGRESS, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, EndReason, FlowKey, FlowRecord
+from ...flows.record import (EGRESS, INGRESS, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, EndReason, FlowKey,
+                             FlowRecord)
+from ...contract import DEFAULT_PEN
 from ..sink import MeteringStats
 
 MINIMAL_TEMPLATE = ("FlowEndMilliseconds", "FlowStartMilliseconds", "OctetDeltaCount", "PacketDeltaCount",
@@ -47,7 +49,7 @@ def dummy_records(count: int, seed: int = 0, now_ns: int | None = None) -> list[
 
 
 def send_dummy(collectors: Sequence, templates: Sequence, count: int, observation_domain_id: int = 1,
-               enterprise_number: int = 32473, timeout: float = 10.0) -> dict:
+               enterprise_number: int = DEFAULT_PEN, timeout: float = 10.0) -> dict:
     """Export ``count`` dummy flows to ``collectors``; the exporter's counters per collector."""
     from .exporter import IpfixExporter
 

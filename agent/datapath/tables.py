@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass
 
 from . import bpfsys
-from .flow import FlowCounters, FlowKey
+from ..flows.record import FlowCounters, FlowKey
 from .kernelflow import KEY, UNMETERED_STRIDE, VALUE_STRIDE, decode_table, encode_key, sum_unmetered
 
 FLOW_TABLES = ("flows_a", "flows_b")

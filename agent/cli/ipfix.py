@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..contract import DEFAULT_PEN
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     collect = subparsers.add_parser(
@@ -20,9 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     collect.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     collect.add_argument("--count", type=int, metavar="N", help="stop after N data records")
     collect.add_argument("--timeout", type=float, metavar="S", help="stop after S seconds")
-    collect.add_argument("--enterprise-number", type=int, default=32473, metavar="PEN",
+    collect.add_argument("--enterprise-number", type=int, default=DEFAULT_PEN, metavar="PEN",
                          help="Private Enterprise Number of kipfix's own elements (the exporter's "
-                              "enterpriseNumber; default 32473)")
+                              f"enterpriseNumber; default {DEFAULT_PEN})")
     collect.set_defaults(func=run_collect)
 
     ipfix = subparsers.add_parser("ipfix", help="IPFIX tools")
@@ -39,8 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_collect(args: argparse.Namespace) -> int:
-    from .address import parse_listen_address
-    from .collector import Collector
+    from ..export.address import parse_listen_address
+    from ..collector.server import Collector
 
     if not 1 <= args.enterprise_number <= 2**32 - 1:
         print(f"kipfix collect: --enterprise-number {args.enterprise_number}: accepted: 1..4294967295",
@@ -59,8 +61,8 @@ def run_collect(args: argparse.Namespace) -> int:
 
 def run_send_dummy(args: argparse.Namespace) -> int:
     from ..config import CollectorConfig, TemplateConfig, load_config
-    from .address import parse_collector_address
-    from .dummy import MINIMAL_TEMPLATE, send_dummy
+    from ..export.address import parse_collector_address
+    from ..export.ipfix.dummy import MINIMAL_TEMPLATE, send_dummy
 
     try:
         host, port = parse_collector_address(args.collector)
@@ -70,7 +72,7 @@ def run_send_dummy(args: argparse.Namespace) -> int:
             config = load_config(args.config)
             templates, domain, pen = config.templates, config.observation_domain_id, config.enterprise_number
         else:
-            templates, domain, pen = (TemplateConfig(256, MINIMAL_TEMPLATE),), 1, 32473
+            templates, domain, pen = (TemplateConfig(256, MINIMAL_TEMPLATE),), 1, DEFAULT_PEN
         if not templates:
             raise ValueError(f"{args.config}: no templates configured")
         collector = CollectorConfig(args.collector, host, port, args.transport)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
-from .flow import FlowRecord
+from ..flows.record import FlowRecord
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,10 +18,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, TextIO
 
-from ..flow import PROTO_NAMES
-from .decoder import DecodedMessage, DecodedRecord, MalformedMessage, TemplateStore, decode_message, \
-    read_stream_message
-from .infomodel import DEFAULT_PEN, default_model
+from ..flows.record import PROTO_NAMES
+from ..export.ipfix.decoder import (DecodedMessage, DecodedRecord, MalformedMessage, TemplateStore, decode_message,
+                                    read_stream_message)
+from ..export.ipfix.infomodel import DEFAULT_PEN, default_model
 
 
 @dataclass

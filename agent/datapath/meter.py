@@ -92,7 +92,7 @@ class Meter:
     """The loaded program (ingress and egress entry points) and its tables."""
 
     def __init__(self, max_flows: int, pin_path: str):
-        from .depcheck import require_runtime
+        from .requirements import require_runtime
 
         self.headers = require_runtime()
         ensure_bpffs()

@@ -1,5 +1,5 @@
 /*
- * kipfix.agent.ipfix._flowpack: the data-record encoder of fields.py, in C.
+ * kipfix.agent.export.ipfix._flowpack: the data-record encoder of fields.py, in C.
  *
  * A Packer is built once per template and address family from a program of
  * (opcode, argument, length, kind) steps, one per element, that flowpack.py
@@ -602,7 +602,7 @@ Packer_call(Packer *self, PyObject *args, PyObject *kwds)
 
 static PyTypeObject PackerType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "kipfix.agent.ipfix._flowpack.Packer",
+    .tp_name = "kipfix.agent.export.ipfix._flowpack.Packer",
     .tp_doc = "Packer(program, record_type, init_ms, route, route_cache, pod_table, pod_lookup, no_pod, "
               "struct_error)(records) -> [record bytes]",
     .tp_basicsize = sizeof(Packer),

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import struct
 
-from .flow import FlowCounters, FlowKey
-from .gcpause import gc_paused
+from ..flows.record import FlowCounters, FlowKey
+from ..flows.gcpause import gc_paused
 
 # struct flow_key: ifindex, netns_id, direction, ip_version, src, dst, sport, dport, protocol, pad
 KEY = struct.Struct("=IHBB16s16sHHB3x")

@@ -26,8 +26,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from .config import InterfaceSelection, PodSelection
-from .labelselector import selector_matches
+from ..config import InterfaceSelection, PodSelection
+from ..labelselector import selector_matches
 from .podnetns import NetnsFinder
 
 log = logging.getLogger("kipfix.pods")

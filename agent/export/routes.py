@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 
-from ..netns import run_in_netns
+from ..datapath.netns import run_in_netns
 
 log = logging.getLogger(__name__)
 

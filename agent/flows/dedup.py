@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-from .flow import FlowCounters, FlowKey
+from .record import FlowCounters, FlowKey
 
 Flow = tuple[int, FlowKey, FlowCounters]  # (netns id, key, counters), as drained
 Endpoint = tuple[int, int]  # (netns id, ifindex)

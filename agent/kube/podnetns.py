@@ -26,7 +26,7 @@ import os
 import threading
 from typing import Iterable
 
-from .netns import NetnsRef, iproute
+from ..datapath.netns import NetnsRef, iproute
 
 log = logging.getLogger("kipfix.podnetns")
 

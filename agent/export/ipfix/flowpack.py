@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import struct
 
-from .. import flow
+from ...flows import record as flow
 from .fields import NOPOD, POD_ELEMENTS, POD_NAMES, pod_table
 from .infomodel import InformationElement
 

@@ -1,0 +1,1 @@
+"""The built-in collector (``kipfix collect``): listens for IPFIX and prints decoded records."""

@@ -1,0 +1,1 @@
+"""The kernel side: program load, pinned tables and drains, tc attach, interfaces and namespaces."""

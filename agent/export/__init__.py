@@ -1,0 +1,1 @@
+"""Sinks that take flow records out of the agent: IPFIX (``ipfix/``) and JSON lines."""

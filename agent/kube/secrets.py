@@ -1,0 +1,61 @@
+"""TLS files of a rendered config that live in Secrets: ``secret:NAME/KEY`` references.
+
+The operator never copies key material into ConfigMaps; it writes a
+reference, and the agent reads the Secret in its own namespace and writes
+the keys to files only it can read.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from ..config import ConfigError
+from ..contract import SECRET_PREFIX
+
+
+def resolve_secret_files(doc: Any, read_secret: Callable[[str], dict[str, bytes]], directory: str) -> Any:
+    """Replace ``secret:NAME/KEY`` TLS references by files written under ``directory``.
+
+    ``read_secret(NAME)`` returns the Secret's decoded data (KeyError if the
+    Secret does not exist). ConfigError names a missing Secret or ca.crt.
+    """
+    if not isinstance(doc, dict):
+        return doc
+    out = dict(doc)
+    collectors = []
+    for i, collector in enumerate(doc.get("collectors") or []):
+        tls = collector.get("tls") if isinstance(collector, dict) else None
+        if not isinstance(tls, dict):
+            collectors.append(collector)
+            continue
+        tls = dict(tls)
+        for key in ("ca", "cert", "key"):
+            ref = tls.get(key)
+            if not (isinstance(ref, str) and ref.startswith(SECRET_PREFIX)):
+                continue
+            secret, _, item = ref[len(SECRET_PREFIX):].partition("/")
+            try:
+                data = read_secret(secret)
+            except KeyError:
+                raise ConfigError(f"collectors[{i}].tls: Secret {secret!r} not found in the agent's namespace; "
+                                  f"accepted: a Secret with ca.crt (and optionally tls.crt, tls.key)") from None
+            if item not in data:
+                if key == "ca":
+                    raise ConfigError(f"collectors[{i}].tls.ca: Secret {secret!r} has no key {item!r}; "
+                                      "accepted: a Secret with ca.crt")
+                tls.pop(key)
+                continue
+            folder = os.path.join(directory, secret)
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            path = os.path.join(folder, item)
+            with open(path, "wb") as handle:
+                handle.write(data[item])
+            tls[key] = path
+        if ("cert" in tls) != ("key" in tls):  # client authentication needs both
+            tls.pop("cert", None)
+            tls.pop("key", None)
+        collectors.append({**collector, "tls": tls})
+    if "collectors" in doc:
+        out["collectors"] = collectors
+    return out
