@@ -61,8 +61,12 @@ def pack_sets(sets: Sequence[tuple], *, max_size: int, export_time: int,
                                domain)
         return b"".join(parts)
 
+    open_id = None  # set id of the open set: a following group of the same id continues it
     for set_index, group in enumerate(sets):
         set_id, records = group[0], group[1]
+        if open_set and set_id != open_id:
+            parts[open_set] = SET_HEADER.pack(open_id, used - set_start)
+            open_set = 0
         fixed = group[2] if len(group) > 2 else 0
         index = 0
         n = len(records)
@@ -82,7 +86,7 @@ def pack_sets(sets: Sequence[tuple], *, max_size: int, export_time: int,
             if end > index:
                 size = (end - index) * fixed if fixed else ends[end] - ends[index]
                 if not open_set:
-                    open_set, set_start = len(parts), used
+                    open_set, set_start, open_id = len(parts), used, set_id
                     parts.append(b"")
                     used += SET_HEADER_LENGTH
                 parts += records[index:end]
@@ -106,9 +110,8 @@ def pack_sets(sets: Sequence[tuple], *, max_size: int, export_time: int,
             if data:
                 sequence += count
             parts, used, count = [b""], 0, 0
-        if open_set:
-            parts[open_set] = SET_HEADER.pack(set_id, used - set_start)
-            open_set = 0
         position = (set_index + 1, 0)
+    if open_set:
+        parts[open_set] = SET_HEADER.pack(open_id, used - set_start)
     if len(parts) > 1:
         yield Packed(message(), count, position)
