@@ -23,6 +23,9 @@ from .contract import (DEFAULT_ACTIVE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX
 MAX_FLOWS_RANGE = (16, 16_777_216)
 MESSAGE_SIZE_RANGE = (64, 65_535)
 TRANSPORTS = ("udp", "tcp", "tls")
+PACING = ("spread", "none")
+SEND_BUFFER_RANGE = (4096, 256 << 20)
+MESSAGE_RATE_RANGE = (1, 10_000_000)
 
 
 class ConfigError(ValueError):
@@ -49,6 +52,9 @@ class CollectorConfig:
     template_refresh_messages: int = 100
     queue_size: int = 65536
     description: str = ""
+    pacing: str = "spread"  # UDP: spread a drain's messages over the drain interval; none: back to back
+    max_messages_per_second: int = 0  # UDP: 0 = no cap
+    send_buffer: int = 0  # SO_SNDBUF octets; 0 = the system's default
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,7 @@ class AgentConfig:
     observation_domain_id: int = 1
     enterprise_number: int = DEFAULT_PEN
     json_lines: str | None = None
+    json_lines_mode: int = 0o600
     pin_path: str = DEFAULT_PIN_PATH
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
@@ -194,7 +201,8 @@ def _collector(data: Any, path: str) -> CollectorConfig:
 
     data = _mapping(data, path)
     _reject_unknown(data, ("address", "transport", "tls", "maxMessageSize", "templateRefreshSeconds",
-                           "templateRefreshMessages", "queueSize", "description"), path)
+                           "templateRefreshMessages", "queueSize", "description", "pacing",
+                           "maxMessagesPerSecond", "sendBuffer"), path)
     if "address" not in data:
         raise ConfigError(f"{path}.address: required (host:port or [ipv6]:port)")
     address = _str(data["address"], f"{path}.address")
@@ -219,7 +227,28 @@ def _collector(data: Any, path: str) -> CollectorConfig:
                                        f"{path}.templateRefreshMessages", 1, 1_000_000),
         queue_size=_int(data.get("queueSize", 65536), f"{path}.queueSize", 1, 16_777_216),
         description=_str(data.get("description", ""), f"{path}.description"),
+        **_sending(data, path, transport),
     )
+
+
+def _sending(data: dict, path: str, transport: str) -> dict:
+    """pacing, maxMessagesPerSecond (UDP only: TCP has flow control) and sendBuffer."""
+    out = {}
+    for key in ("pacing", "maxMessagesPerSecond"):
+        if key in data and transport != "udp":
+            raise ConfigError(f"{path}.{key}: only for transport udp (transport is {transport!r}: TCP paces "
+                              "itself by the collector's window)")
+    pacing = data.get("pacing", "spread")
+    if pacing not in PACING:
+        raise ConfigError(f"{path}.pacing: {pacing!r} is not accepted; accepted: spread (a drain's messages "
+                          "over the drain interval), none (back to back)")
+    out["pacing"] = pacing
+    if "maxMessagesPerSecond" in data:
+        out["max_messages_per_second"] = _int(data["maxMessagesPerSecond"], f"{path}.maxMessagesPerSecond",
+                                              *MESSAGE_RATE_RANGE)
+    if "sendBuffer" in data:
+        out["send_buffer"] = _int(data["sendBuffer"], f"{path}.sendBuffer", *SEND_BUFFER_RANGE)
+    return out
 
 
 def _template(data: Any, path: str) -> TemplateConfig:
@@ -305,8 +334,17 @@ def _metrics(data: Any) -> MetricsConfig:
     return MetricsConfig(address, _int(data.get("port", DEFAULT_METRICS_PORT), "metrics.port", 1, 65535), enabled)
 
 
+def _file_mode(value: Any, path: str) -> int:
+    # Only a quoted string: YAML reads an unquoted 0640 as octal but 640 as decimal.
+    if not isinstance(value, str) or not 3 <= len(value) <= 4 or any(c not in "01234567" for c in value) \
+            or int(value, 8) > 0o777:
+        raise ConfigError(f"{path}: {value!r} is not accepted; accepted: a quoted octal file mode such as "
+                          "'0600' or '0640'")
+    return int(value, 8)
+
+
 TOP_LEVEL_KEYS = ("collectors", "templates", "interfaces", "pods", "timeouts", "maxFlows", "drainInterval",
-                  "observationDomainId", "enterpriseNumber", "jsonLines", "pinPath", "metrics")
+                  "observationDomainId", "enterpriseNumber", "jsonLines", "jsonLinesMode", "pinPath", "metrics")
 
 
 def parse_config(data: Any) -> AgentConfig:
@@ -345,6 +383,7 @@ def parse_config(data: Any) -> AgentConfig:
         observation_domain_id=_int(data.get("observationDomainId", 1), "observationDomainId", 0, 2**32 - 1),
         enterprise_number=_int(data.get("enterpriseNumber", DEFAULT_PEN), "enterpriseNumber", 1, 2**32 - 1),
         json_lines=json_lines,
+        json_lines_mode=_file_mode(data.get("jsonLinesMode", "0600"), "jsonLinesMode"),
         pin_path=_str(data.get("pinPath", DEFAULT_PIN_PATH), "pinPath"),
         metrics=_metrics(data.get("metrics")),
     )

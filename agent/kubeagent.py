@@ -125,6 +125,13 @@ class KubeAgent(Agent):
             self.dedup.set_pairs(self._veth_pairs())
         return self.dedup.filter(flows, self.cache.__contains__, final)
 
+    def held_flows(self) -> list:
+        return list(self.dedup.held())
+
+    def restore_held(self, flows: list) -> None:
+        self.dedup.hold(flows)  # judged at the first drain with pods known, as before the restart
+        self._restored_held = []
+
     def _veth_pairs(self) -> dict:
         """host-side end -> pod-side end, for metered pods whose veth is metered outside too."""
         from .datapath.netns import NetnsRef

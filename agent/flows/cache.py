@@ -11,6 +11,8 @@ wall-clock time only when a record is made, with an offset sampled then.
 
 from __future__ import annotations
 
+import dataclasses
+import operator
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -33,6 +35,9 @@ def wall_offset_ns() -> int:
     wall = time.time_ns()
     after = monotonic_ns()
     return wall - (before + after) // 2
+
+
+_counter_values = operator.attrgetter(*(f.name for f in dataclasses.fields(FlowCounters)))
 
 
 @dataclass(slots=True)
@@ -115,6 +120,30 @@ class FlowCache:
         for cache_key in ended:
             del self._entries[cache_key]
         return out
+
+    def snapshot(self) -> tuple[list[tuple], tuple[int, int, int]]:
+        """The cache as plain tuples, oldest first, for the journal; and (flows, packets, octets)
+        not yet exported from it."""
+        rows = []
+        flows = packets = octets = 0
+        for (netns_id, key), entry in self._entries.items():
+            counters = entry.counters
+            if counters is None:
+                rows.append((netns_id, tuple(key), None, entry.last_seen_ns))
+            else:
+                rows.append((netns_id, tuple(key), _counter_values(counters), entry.last_seen_ns))
+                flows += 1
+                packets += counters.packets
+                octets += counters.octets
+        return rows, (flows, packets, octets)
+
+    def restore(self, rows: Iterable[tuple]) -> int:
+        """Put back what ``snapshot`` returned (before any ingest); returns the flows restored."""
+        entries = self._entries
+        for netns_id, key, counters, last_seen_ns in rows:
+            entries[(netns_id, FlowKey(*key))] = _Entry(None if counters is None else FlowCounters(*counters),
+                                                        last_seen_ns)
+        return len(entries)
 
     def flush(self, reason: EndReason = EndReason.FORCED_END,
               match: Callable[[int, FlowKey], bool] | None = None) -> list[FlowRecord]:

@@ -14,7 +14,8 @@ Sent with the templates, per collector session:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import collections
+from dataclasses import dataclass, field
 
 from ..sink import MeteringStats
 from .infomodel import lookup
@@ -32,7 +33,14 @@ INTERFACE_TABLE = ("ingressInterface", "interfaceName")
 
 @dataclass
 class ExportCounters:
-    """What one collector session sent and dropped (cumulative)."""
+    """What one collector session sent and lost (cumulative).
+
+    not_sent_* count every flow record the collector will not get, whatever
+    the reason (notSent* of the 4.3 options record); ``not_sent_by_reason``
+    splits the flows by why: queue_full, too_large, refused (UDP: ICMP
+    unreachable), unacknowledged (TCP/TLS died with data unacknowledged),
+    not_sent_at_exit, not_resumable (journaled, but its template changed).
+    """
 
     messages: int = 0
     records: int = 0
@@ -40,6 +48,13 @@ class ExportCounters:
     not_sent_flows: int = 0
     not_sent_packets: int = 0
     not_sent_octets: int = 0
+    not_sent_by_reason: collections.Counter = field(default_factory=collections.Counter)
+
+    def not_sent(self, reason: str, flows: int, packets: int, octets: int) -> None:
+        self.not_sent_flows += flows
+        self.not_sent_packets += packets
+        self.not_sent_octets += octets
+        self.not_sent_by_reason[reason] += flows
 
 
 def _template(template_id: int, names: tuple[str, ...]) -> Template:
