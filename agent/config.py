@@ -97,12 +97,30 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class MetricsTLS:
+    """HTTPS for /metrics; with ``client_ca``, scrapers must show a certificate it signed."""
+
+    cert: str
+    key: str
+    client_ca: str | None = None
+
+
+@dataclass(frozen=True)
+class MetricsBasicAuth:
+    password_file: str
+    username: str | None = None
+    username_file: str | None = None
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
-    """Where the agent serves Prometheus metrics (``/metrics``)."""
+    """Where the agent serves Prometheus metrics (``/metrics``), and how scrapers prove who they are."""
 
     address: str = "0.0.0.0"
     port: int = DEFAULT_METRICS_PORT
     enabled: bool = True
+    tls: MetricsTLS | None = None
+    basic_auth: MetricsBasicAuth | None = None
 
 
 @dataclass(frozen=True)
@@ -319,19 +337,73 @@ def _timeouts(data: Any) -> Timeouts:
     return Timeouts(idle, active)
 
 
-def _metrics(data: Any) -> MetricsConfig:
-    data = _mapping(data, "metrics")
-    _reject_unknown(data, ("address", "port", "enabled"), "metrics")
-    address = _str(data.get("address", "0.0.0.0"), "metrics.address")
+def _file(value: Any, path: str) -> str:
+    _str(value, path)
+    if not os.path.isfile(value):
+        raise ConfigError(f"{path}: file {value!r} does not exist; accepted: a readable file")
+    return value
+
+
+def _metrics_tls(data: Any, path: str) -> MetricsTLS:
+    data = _mapping(data, path)
+    _reject_unknown(data, ("cert", "key", "clientCA"), path)
+    for key in ("cert", "key"):
+        if key not in data:
+            raise ConfigError(f"{path}.{key}: required for HTTPS (a PEM file)")
+    client_ca = data.get("clientCA")
+    return MetricsTLS(_file(data["cert"], f"{path}.cert"), _file(data["key"], f"{path}.key"),
+                      _file(client_ca, f"{path}.clientCA") if client_ca is not None else None)
+
+
+def _metrics_basic_auth(data: Any, path: str) -> MetricsBasicAuth:
+    data = _mapping(data, path)
+    _reject_unknown(data, ("username", "usernameFile", "passwordFile"), path)
+    if ("username" in data) == ("usernameFile" in data):
+        raise ConfigError(f"{path}: give the user as exactly one of username or usernameFile")
+    if "passwordFile" not in data:
+        raise ConfigError(f"{path}.passwordFile: required (a file holding the password, e.g. a mounted Secret)")
+    username = data.get("username")
+    if username is not None and (not isinstance(username, str) or not username or ":" in username):
+        raise ConfigError(f"{path}.username: {username!r} is not accepted; accepted: a non-empty string "
+                          "without ':'")
+    return MetricsBasicAuth(_file(data["passwordFile"], f"{path}.passwordFile"), username,
+                            _file(data["usernameFile"], f"{path}.usernameFile") if "usernameFile" in data else None)
+
+
+def _metrics(data: Any, path: str = "metrics") -> MetricsConfig:
+    data = _mapping(data, path)
+    _reject_unknown(data, ("address", "port", "enabled", "tls", "basicAuth"), path)
+    address = _str(data.get("address", "0.0.0.0"), f"{path}.address")
     try:
         ipaddress.ip_address(address)
     except ValueError:
-        raise ConfigError(f"metrics.address: {address!r} is not an IP address; accepted: an IPv4 or IPv6 "
+        raise ConfigError(f"{path}.address: {address!r} is not an IP address; accepted: an IPv4 or IPv6 "
                           "address to listen on (0.0.0.0 or :: for all)") from None
     enabled = data.get("enabled", True)
     if not isinstance(enabled, bool):
-        raise ConfigError(f"metrics.enabled: {enabled!r} is not accepted; accepted: true, false")
-    return MetricsConfig(address, _int(data.get("port", DEFAULT_METRICS_PORT), "metrics.port", 1, 65535), enabled)
+        raise ConfigError(f"{path}.enabled: {enabled!r} is not accepted; accepted: true, false")
+    tls = _metrics_tls(data["tls"], f"{path}.tls") if data.get("tls") is not None else None
+    basic_auth = _metrics_basic_auth(data["basicAuth"], f"{path}.basicAuth") \
+        if data.get("basicAuth") is not None else None
+    return MetricsConfig(address, _int(data.get("port", DEFAULT_METRICS_PORT), f"{path}.port", 1, 65535), enabled,
+                         tls, basic_auth)
+
+
+def load_metrics_config(path: str) -> MetricsConfig:
+    """A file holding only a ``metrics:`` section (``kipfix agent --metrics-config``)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except OSError as err:
+        raise ConfigError(f"cannot read metrics config file {path!r}: {err.strerror}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    data = _mapping(data, "(top level)")
+    _reject_unknown(data, ("metrics",), "")
+    try:
+        return _metrics(data.get("metrics"))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
 
 
 def _file_mode(value: Any, path: str) -> int:

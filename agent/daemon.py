@@ -408,17 +408,31 @@ def check_standalone(config: AgentConfig, path: str | None) -> None:
                           "for them); standalone, select their interfaces under interfaces with netns")
 
 
-def run_agent(config_path: str, keep_attached: bool = False) -> int:
+def run_agent(config_path: str, keep_attached: bool = False, metrics_config: str | None = None) -> int:
+    """``metrics_config``: a file whose ``metrics:`` section replaces the config's (the chart's TLS and
+    authentication settings)."""
+    from .config import load_metrics_config
+    from .metrics import check_metrics_files
+
     try:
         config = load_config(config_path)
         check_standalone(config, config_path)
-    except ConfigError as err:
+        if metrics_config:
+            config = replace(config, metrics=load_metrics_config(metrics_config))
+        if config.metrics.enabled:
+            check_metrics_files(config.metrics)
+    except (ConfigError, ValueError) as err:
         log.error("%s", err)
         return 2
-    agent = Agent(config, config_path, keep_attached=keep_attached)
+    try:
+        agent = Agent(config, config_path, keep_attached=keep_attached)
+    except PinPathInUse as err:
+        log.error("%s", err)
+        return 2
     if config.metrics.enabled:
         from .metrics import start_agent_metrics
-        start_agent_metrics(agent, config.metrics.address, config.metrics.port)
+        start_agent_metrics(agent, config.metrics.address, config.metrics.port, tls=config.metrics.tls,
+                            basic_auth=config.metrics.basic_auth)
     agent.install_signal_handlers()
     log.info("kipfix agent running: %d interface selections, drain every %gs, idle %gs, active %gs",
              len(config.interfaces), config.drain_interval, config.timeouts.idle, config.timeouts.active)

@@ -229,6 +229,7 @@ class KubernetesMode:
         self._agent_lock = threading.Lock()
         self.metrics_registry = metrics_registry  # None: prometheus_client's global registry
         self.serve_metrics = serve_metrics  # False: no metrics server (tests running several modes in one process)
+        self.metrics_settings = None  # a MetricsConfig from --metrics-config: replaces the ConfigMap's
 
     # -- config ---------------------------------------------------------------------
 
@@ -375,9 +376,11 @@ class KubernetesMode:
         agent = self.agent_factory(first, self.keep_attached)  # compiles and loads BPF: takes a while
         if hasattr(agent, "start_pods"):
             agent.start_pods(self.api, self.node)
-        if self.serve_metrics and first.metrics.enabled:  # as run_agent: the first config's settings hold
+        settings = self.metrics_settings or first.metrics  # as run_agent: the first config's settings hold
+        if self.serve_metrics and settings.enabled:
             from .metrics import start_agent_metrics
-            start_agent_metrics(agent, first.metrics.address, first.metrics.port, self.metrics_registry)
+            start_agent_metrics(agent, settings.address, settings.port, self.metrics_registry, tls=settings.tls,
+                                basic_auth=settings.basic_auth)
         with self._agent_lock:
             self.agent = agent
             if self.first_config is not first:  # changed meanwhile
@@ -393,13 +396,27 @@ class KubernetesMode:
 
 
 def run_kubernetes_agent(keep_attached: bool = False, node: str | None = None,
-                         namespace: str | None = None) -> int:
-    """Entry for ``kipfix agent --kubernetes``."""
+                         namespace: str | None = None, metrics_config: str | None = None) -> int:
+    """Entry for ``kipfix agent --kubernetes``; ``metrics_config``: a file with the ``metrics:``
+    section to use (the ConfigMap's has none)."""
+    from .config import ConfigError, load_metrics_config
+    from .metrics import check_metrics_files
+
     node = node or os.environ.get("NODE_NAME", "")
     if not node:
         log.error("--kubernetes needs the node name in NODE_NAME (downward API: fieldRef spec.nodeName)")
         return 2
+    settings = None
+    if metrics_config:
+        try:
+            settings = load_metrics_config(metrics_config)
+            if settings.enabled:
+                check_metrics_files(settings)
+        except (ConfigError, ValueError) as err:
+            log.error("%s", err)
+            return 2
     mode = KubernetesMode(node, namespace or default_namespace(), keep_attached=keep_attached)
+    mode.metrics_settings = settings
     signal.signal(signal.SIGTERM, mode.request_stop)
     signal.signal(signal.SIGINT, mode.request_stop)
     return mode.run()

@@ -457,27 +457,43 @@ class AgentMetrics:
         self.reload_failures.inc()
 
 
-def serve_metrics(address: str, port: int, registry: CollectorRegistry):
-    """Serve ``registry`` on http://address:port/metrics from a daemon thread; returns the
-    server (``shutdown()`` stops it). OSError (e.g. address in use) if it cannot listen."""
-    from prometheus_client import start_http_server
+def serve_metrics(address: str, port: int, registry: CollectorRegistry, tls=None, basic_auth=None):
+    """Serve ``registry`` on http(s)://address:port/metrics from a daemon thread; returns the
+    server (``shutdown()`` stops it). OSError (e.g. address in use) if it cannot listen, ValueError
+    for TLS or password files that do not load."""
+    from .metricshttp import serve
 
-    result = start_http_server(port, addr=address, registry=registry)
-    return result[0] if result else None
+    return serve(address, port, registry, tls, basic_auth)
 
 
-def start_agent_metrics(agent: Any, address: str, port: int, registry: CollectorRegistry | None = None) -> bool:
+def check_metrics_files(settings) -> None:
+    """Load the TLS and password files of a MetricsConfig now, before anything else starts:
+    ValueError naming the one that does not load."""
+    from .metricshttp import read_credentials, tls_server_context
+
+    if settings.tls is not None:
+        tls_server_context(settings.tls.cert, settings.tls.key, settings.tls.client_ca)
+    if settings.basic_auth is not None:
+        auth = settings.basic_auth
+        read_credentials(auth.username, auth.username_file, auth.password_file)
+
+
+def start_agent_metrics(agent: Any, address: str, port: int, registry: CollectorRegistry | None = None,
+                        tls=None, basic_auth=None) -> bool:
     """Count ``agent`` into ``registry`` (default: the global one, which adds process_* metrics) and
     serve it. A port that cannot be opened is reported; metering and export go on without metrics."""
     if registry is None:
         from prometheus_client import REGISTRY as registry
     where = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+    scheme = "https" if tls is not None else "http"
     try:
-        serve_metrics(address, port, registry)
-    except OSError as err:
+        serve_metrics(address, port, registry, tls, basic_auth)
+    except (OSError, ValueError) as err:
         log.error("cannot serve metrics on %s: %s; running without metrics (set metrics.port, or "
-                  "metrics.enabled: false)", where, err.strerror or err)
+                  "metrics.enabled: false)", where, getattr(err, "strerror", None) or err)
         return False
     agent.metrics = AgentMetrics(registry, agent)
-    log.info("serving metrics on http://%s/metrics", where)
+    log.info("serving metrics on %s://%s/metrics%s%s", scheme, where,
+             " (client certificates required)" if tls is not None and tls.client_ca else "",
+             " (basic authentication)" if basic_auth is not None else "")
     return True

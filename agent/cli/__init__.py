@@ -180,13 +180,13 @@ def cmd_agent(args) -> int:
     if args.kubernetes:
         from ..kubeagent import run_kubernetes_agent
 
-        return run_kubernetes_agent(keep_attached=args.keep_attached)
+        return run_kubernetes_agent(keep_attached=args.keep_attached, metrics_config=args.metrics_config)
     if not args.config:
         print("kipfix agent: give --config FILE, or --kubernetes to take the config from the API", file=sys.stderr)
         return 2
     from ..daemon import run_agent
 
-    return run_agent(args.config, keep_attached=args.keep_attached)
+    return run_agent(args.config, keep_attached=args.keep_attached, metrics_config=args.metrics_config)
 
 
 def cmd_operator(args) -> int:
@@ -210,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--keep-attached", action="store_true",
                        help="on SIGTERM export the cache but leave filters and pinned tables in place, "
                             "so a restarted agent continues without a gap")
+    agent.add_argument("--metrics-config", metavar="FILE",
+                       help="YAML file with a metrics: section (address, port, tls, basicAuth) used instead of "
+                            "the configuration's (Kubernetes: the ConfigMap has none)")
     agent.set_defaults(func=cmd_agent)
 
     # Everything after "operator" is the operator's (its --help too): no prefix character is ours here.
