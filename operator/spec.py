@@ -121,7 +121,8 @@ def check_selector(selector: Any, path: str) -> dict:
 
 def _collector(data: Any, path: str) -> dict:
     data = _mapping(data, path)
-    accepted = ("address", "transport", "tls", "maxMessageSize", "description")
+    accepted = ("address", "transport", "tls", "maxMessageSize", "description", "pacing", "maxMessagesPerSecond",
+                "sendBuffer")
     for key in data:
         if key not in accepted:
             raise SpecError(f"{path}.{key}: unknown key; accepted: {', '.join(accepted)}")
@@ -149,6 +150,9 @@ def _collector(data: Any, path: str) -> dict:
         out["maxMessageSize"] = _int(data["maxMessageSize"], f"{path}.maxMessageSize", 64, 65535)
     if data.get("description"):
         out["description"] = str(data["description"])
+    for key in ("pacing", "maxMessagesPerSecond", "sendBuffer"):  # checked by the agent's own schema
+        if key in data:
+            out[key] = data[key]
     return out
 
 
