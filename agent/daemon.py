@@ -197,6 +197,7 @@ class Agent:
             state = None
         held = []
         if state is not None:
+            self.attachments.remember_names(state.names)
             self.recovered["flows"] = self.cache.restore(state.cache)
             held = [(netns_id, FlowKey(*key), FlowCounters(*counters)) for netns_id, key, counters in state.held]
             self.recovered["records"], lost = self.sink.restore(state.sinks, self.cursors.at_start)
@@ -229,7 +230,8 @@ class Agent:
                 for netns_id, key, counters in self.held_flows()]
         try:
             sinks = self.sink.journal_state()
-            self.journal.commit(JournalState(tuple(t.map_id for t in taken), rows, held, sinks, totals))
+            names = self.attachments.known_names()  # the kernel and the cache know only ifindexes
+            self.journal.commit(JournalState(tuple(t.map_id for t in taken), rows, held, sinks, totals, names))
         except Exception as err:  # noqa: BLE001 - crash safety is lost for this cycle; metering goes on
             self.journal_errors += 1
             if self.journal_errors == 1 or self.journal_errors % 600 == 0:

@@ -50,7 +50,7 @@ MAGIC = b"KIPFIXJ1"
 # the body is not (another version's schema), so a journal that cannot be replayed is still counted
 HEADER = struct.Struct("!8sIQQQ")
 # The body's shape depends on these; another version's journal is counted, not misread.
-SCHEMA = "1:" + ",".join(FlowKey._fields) + ":" + ",".join(f.name for f in dataclasses.fields(FlowCounters))
+SCHEMA = "2:" + ",".join(FlowKey._fields) + ":" + ",".join(f.name for f in dataclasses.fields(FlowCounters))
 # batch serial; position after the last message sent; end of the message being sent (= the former
 # when none is): positions are (set index, record index) in the batch's groups
 CURSOR = struct.Struct("!QIIII")
@@ -84,6 +84,7 @@ class JournalState:
     held: list = field(default_factory=list)  # drained flows a sink-side filter holds back one drain
     sinks: dict[str, Any] = field(default_factory=dict)  # each sink's own state, plain data
     totals: tuple[int, int, int] = (0, 0, 0)  # flows, packets, octets held in the above
+    names: dict = field(default_factory=dict)  # (netns id, ifindex) -> interface name
 
 
 class _PlainData(pickle.Unpickler):
@@ -127,12 +128,12 @@ class Journal:
         if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
             schema = raw.get("schema") if isinstance(raw, dict) else None
             raise JournalError(f"{self.path} was written by another kipfix version (schema {schema!r})", lost)
-        return JournalState(tuple(raw["maps"]), raw["cache"], raw["held"], raw["sinks"], lost)
+        return JournalState(tuple(raw["maps"]), raw["cache"], raw["held"], raw["sinks"], lost, raw["names"])
 
     def commit(self, state: JournalState) -> None:
         """Replace the journal with ``state`` in one rename. OSError if it cannot be written."""
         body = pickle.dumps({"schema": SCHEMA, "maps": list(state.maps), "cache": state.cache,
-                             "held": state.held, "sinks": state.sinks}, protocol=5)
+                             "held": state.held, "sinks": state.sinks, "names": state.names}, protocol=5)
         header = HEADER.pack(MAGIC, zlib.crc32(body), *state.totals)
         tmp = self.path + ".tmp"
         fd = _private_file(tmp)

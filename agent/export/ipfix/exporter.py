@@ -165,6 +165,7 @@ class CollectorSession:
         # loss accounting
         self._in_flight: collections.deque = collections.deque()  # TCP/TLS: (stream end, batch, start, end)
         self._unconfirmed: tuple | None = None  # UDP: (batch, start, end) of the last data message sent
+        self._outage_refused = [0, 0, 0]  # flows, packets, octets refused since the collector went away
         self._probing = False
         self._thread = threading.Thread(target=self._run, name=f"ipfix {self.name}", daemon=True)
         self._thread.start()
@@ -336,7 +337,10 @@ class CollectorSession:
                         self._cond.wait(backoff)
                 continue
             if failing and not self.transport.stream:
-                log.warning("%s: the collector accepts messages again", self.name)
+                flows, packets, octets = self._outage_refused
+                log.warning("%s: the collector accepts messages again; %d flows (%d packets, %d octets) sent "
+                            "while it refused them are lost (counted as refused)", self.name, flows, packets, octets)
+                self._outage_refused = [0, 0, 0]
             failing = False
             backoff = self.reconnect_initial
         if self.transport.alive() and not self._need_templates and not self._probing:
@@ -385,7 +389,9 @@ class CollectorSession:
         if self._unconfirmed is not None:
             batch, start, end = self._unconfirmed
             self._unconfirmed = None
-            self.counters.not_sent("refused", *batch.tally(start, end))
+            lost = batch.tally(start, end)
+            self.counters.not_sent("refused", *lost)
+            self._outage_refused = [a + b for a, b in zip(self._outage_refused, lost)]
 
     def _stream_lost(self) -> None:
         """The TCP/TLS connection is gone: count the messages the collector did not acknowledge."""
