@@ -313,3 +313,34 @@ def test_docs_elements_md_and_the_readme_table_are_current():
     assert readme == elementdocs.readme_with_table(readme), hint
     wireshark = next(p for p in elementdocs.render().split("\n\n") if "Wireshark" in p)
     assert all(name in wireshark for name, _ in TSHARK_REJECTS), wireshark
+
+
+def test_saturated_values_are_a_metric_per_template_and_element():
+    from prometheus_client import CollectorRegistry
+
+    from kipfix.agent.daemon import FanoutSink
+    from kipfix.agent.export.ipfix.exporter import IpfixExporter
+    from kipfix.agent.export.sink import MeteringStats
+    from kipfix.agent.metrics import AgentMetrics
+    from test_metrics import make_agent, value
+
+    from kipfix.agent.collector.server import Collector
+    from kipfix.agent.config import CollectorConfig
+
+    registry = CollectorRegistry()
+    collector = Collector(out=None, err=None).start()
+    try:
+        exporter = IpfixExporter([CollectorConfig("c", "127.0.0.1", collector.port, "udp")],
+                                 [TemplateConfig(256, ("sourceIPv4Address", "octetDeltaCount:2", "tcpControlBits:1"))],
+                                 1)
+        AgentMetrics(registry, make_agent(sink=FanoutSink([exporter])))
+        flows = [r for r in make_records() if r.key.ip_version == 4]  # octets 1.5e12 each: none fits 2 octets
+        exporter.export(flows + [dataclasses.replace(flows[0], octets=65535)], MeteringStats())
+        exporter.close(5)
+        assert collector.wait_for(lambda c: c.data_records >= len(flows) + 1, 10)
+    finally:
+        collector.stop()
+    assert [r.values["octetDeltaCount"] for r in collector.records()] == [65535] * (len(flows) + 1)
+    assert value(registry, "ipfix_saturated_values_total", template="256", element="octetDeltaCount") == len(flows)
+    assert value(registry, "ipfix_saturated_values_total", template="256", element="tcpControlBits") == 0
+    assert value(registry, "ipfix_saturated_values_total", template="257", element="octetDeltaCount") == 0
