@@ -179,7 +179,8 @@ def test_a_new_kind_of_source_is_a_lookup_and_a_function(monkeypatch):
 
     flows = records()
     names = ("postNATSourceIPv4Address", "postNAPTSourceTransportPort", "natRule", "octetDeltaCount")
-    template = Template(256, tuple(rows.model(PEN).lookup(n) for n in names))
+    fields.check_template_fields(names, rows)
+    template = Template(256, fields.elements(names, PEN, rows))
     options = dict(observation_domain_id=7, exporting_process_id=4242, system_init_ms=INIT_MS,
                    lookups={"nat": nat}, rows=rows)
     fast = fields.compile_flow_packer(template, **options)

@@ -105,6 +105,17 @@ def render(rows: ElementTable | None = None) -> str:
             for r in rows.rows if r.pen is None and r.value is not None]
     out += [
         "",
+        "## Adding an element",
+        "",
+        "One row in `agent/data/elements.csv`, then `python -m kipfix.agent.export.ipfix.elementdocs --write`.",
+        "A value made of the sources and transforms above needs nothing else: a new `record.ATTR` (say",
+        "`observationPointId` from `record.observation_point`) is read by both encoders by name. A new kind",
+        "of source is one `Lookup` in `agent/export/ipfix/values.py` and the function computing it, handed to",
+        "the exporter (`lookups={name: function}`): `function(record)` gives a tuple whose items rows name",
+        "(`nat.post_source`, for postNATSourceIPv4Address from conntrack). Elements declared at run time",
+        "(enrichment hooks) are rows too: `ElementTable.extended(rows)`. The tests take every row from the",
+        "table; a new row is checked through both encoders and the decoder without a test change.",
+        "",
         "## Elements kipfix knows but does not fill in flow records",
         "",
         "Options records use some of them; the built-in collector decodes all of them by name.",

@@ -81,17 +81,18 @@ def parse_field(spec: str, rows: ElementTable | None = None) -> tuple[Element, i
     return row, length
 
 
-def canonical_name(spec: str) -> str:
+def canonical_name(spec: str, rows: ElementTable | None = None) -> str:
     """The IANA spelling of a fillable element (a size after it is checked and left out); ValueError if unknown,
     not fillable or a bad size."""
-    return parse_field(spec)[0].name
+    return parse_field(spec, rows)[0].name
 
 
-def check_template_fields(specs: Sequence[str]) -> None:
-    """ValueError for an unknown, unfillable or duplicated element, or a size it cannot have."""
+def check_template_fields(specs: Sequence[str], rows: ElementTable | None = None) -> None:
+    """ValueError for an unknown, unfillable or duplicated element, or a size it cannot have.
+    ``rows``: the element table (default: kipfix's; extended with elements declared at run time)."""
     seen: dict[str, str] = {}
     for spec in specs:
-        canonical = canonical_name(spec)
+        canonical = canonical_name(spec, rows)
         if canonical in seen:
             raise ValueError(f"information element {spec!r} appears twice (first as {seen[canonical]!r}); "
                              "accepted: each element at most once per template")
@@ -130,12 +131,13 @@ def counterpart(specs: Sequence[str]) -> tuple[str, ...] | None:
     return tuple(twins)
 
 
-def elements(specs: Sequence[str], enterprise_number: int) -> tuple[InformationElement, ...]:
+def elements(specs: Sequence[str], enterprise_number: int,
+             rows: ElementTable | None = None) -> tuple[InformationElement, ...]:
     """The template's elements, kipfix's own under ``enterprise_number``, each at its (reduced) size."""
-    model = default_model(enterprise_number)
+    model = default_model(enterprise_number) if rows is None else rows.model(enterprise_number)
     result = []
     for spec in specs:
-        row, size = parse_field(spec)
+        row, size = parse_field(spec, rows)
         element = model.lookup(row.name)
         result.append(element if size is None else dataclasses.replace(element, length=size))
     return tuple(result)

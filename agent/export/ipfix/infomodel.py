@@ -74,10 +74,6 @@ class InformationElement:
         return self.length == VARLEN
 
     @property
-    def enterprise(self) -> bool:
-        return self.pen != 0
-
-    @property
     def reduced(self) -> bool:
         """Sent in fewer octets than its type's (RFC 7011 6.2)."""
         return not self.variable_length and self.length != TYPES[self.type][0]
@@ -201,9 +197,6 @@ class InfoModel:
 
     def elements(self) -> list[InformationElement]:
         return list(self._by_id.values())
-
-    def names(self) -> list[str]:
-        return sorted(e.name for e in self._by_name.values())
 
 
 @functools.cache

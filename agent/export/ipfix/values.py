@@ -43,7 +43,6 @@ TEXT_ATTRIBUTES = frozenset(f.name for f in dataclasses.fields(FlowRecord) if f.
 INTEGER_ATTRIBUTES = frozenset(f.name for f in dataclasses.fields(FlowRecord)
                                if f.type in ("int", "EndReason"))
 ADDRESS_KEY_ITEMS = frozenset(("src", "dst"))
-INTEGER_KEY_ITEMS = frozenset(FlowKey._fields) - ADDRESS_KEY_ITEMS
 
 INT, BYTES = "int", "bytes"  # what a source gives; text counts as bytes (UTF-8)
 
