@@ -50,7 +50,8 @@ class Bindings:
             name, address = "P_" + source.side, key_item(SIDES[source.side])
             get = f"pods({address})" if self.pods_by_call else f"pget({address}, NOPOD)"
             # a value that is no tuple is the IP's recent owners (podmeta.Succession): asked for the flow's end
-            clause = f"for {name} in ({get},) for {name} in ({name} if {name}.__class__ is tuple else {name}(r.end_ns),)"
+            clause = (f"for {name} in ({get},) "
+                      f"for {name} in ({name} if {name}.__class__ is tuple else {name}(r.end_ns),)")
         else:
             name = "L_" + source.kind
             clause = f"for {name} in (lookup_{source.kind}(r),)"

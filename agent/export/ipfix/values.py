@@ -265,8 +265,8 @@ def _source(text: str, whole: str) -> Source:
         side, _, item = rest.partition(".") if lookup.sided else ("", "", rest)
         if (side in SIDES) == lookup.sided and item in lookup.items:
             return Source(kind, item, side)
-    raise ValueError(
-        f"value {whole!r}: unknown source {text!r}; accepted: record.ATTR ({', '.join(sorted(INTEGER_ATTRIBUTES | TEXT_ATTRIBUTES))}), "
-        f"key.ITEM ({', '.join(FlowKey._fields)}), exporter.NAME ({', '.join(EXPORTER_CONSTANTS)}), "
-        + ", ".join(f"{n}.{'SIDE.' if l.sided else ''}ITEM ({', '.join(l.items)})" for n, l in LOOKUPS.items())
-        + ", or an integer")
+    attributes = ", ".join(sorted(INTEGER_ATTRIBUTES | TEXT_ATTRIBUTES))
+    lookups = ", ".join(f"{n}.{'SIDE.' if l.sided else ''}ITEM ({', '.join(l.items)})" for n, l in LOOKUPS.items())
+    raise ValueError(f"value {whole!r}: unknown source {text!r}; accepted: record.ATTR ({attributes}), "
+                     f"key.ITEM ({', '.join(FlowKey._fields)}), exporter.NAME ({', '.join(EXPORTER_CONSTANTS)}), "
+                     f"{lookups}, or an integer")
