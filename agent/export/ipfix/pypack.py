@@ -11,6 +11,7 @@ and only when an element uses them.
 from __future__ import annotations
 
 import struct
+from collections import Counter
 from typing import Callable, Mapping, Sequence
 
 from ...flows.record import FlowKey
@@ -35,11 +36,28 @@ def key_item(item: str) -> str:
 
 
 class Bindings:
-    """The comprehension clauses a packer needs, each added once, in the order first needed."""
+    """The comprehension clauses a packer needs, each added once, in the order first needed.
 
-    def __init__(self, pods_by_call: bool):
+    ``shared`` counts how often each computed value (a source and operations,
+    as written) is used in the template: one used twice or more, such as a
+    flow's start in milliseconds for flowStartMilliseconds and
+    flowStartSysUpTime, is computed once per record.
+    """
+
+    def __init__(self, pods_by_call: bool, shared: Counter | None = None):
         self.pods_by_call = pods_by_call
+        self.shared = shared if shared is not None else Counter()
         self.clauses: dict[str, str] = {}
+        self._computed: dict[str, str] = {}
+
+    def computed(self, written: str, expression: str) -> str:
+        """``expression`` (the value ``written``, bound names used), or a name bound to it if it is shared."""
+        if self.shared[written] < 2:
+            return expression
+        if written not in self._computed:
+            self._computed[written] = name = f"V{len(self._computed)}"
+            self.clauses[name] = f"for {name} in ({expression},)"
+        return self._computed[written]
 
     def lookup(self, source: Source) -> str:
         """The name bound to ``source``'s lookup result for the record."""
@@ -75,10 +93,22 @@ def source_expression(source: Source, bindings: Bindings, constants: Mapping[str
     return f"utf8({item})" if source.lookup.items[source.name] == BYTES and kind not in ("route", "pod") else item
 
 
-def expression(value: Value, element: InformationElement, bindings: Bindings, constants: Mapping[str, int]) -> str:
-    text = source_expression(value.source, bindings, constants)
+def computed(value: Value, bindings: Bindings, constants: Mapping[str, int]) -> tuple[list[str], str]:
+    """(the value after each operation, as written; the expression for the last, shared ones bound)"""
+    written = text = source_expression(value.source, bindings, constants)
+    steps = []
     for name, arg in value.operations:
-        text = f"({text} {OPERATORS[name]} {constants[arg] if isinstance(arg, str) else arg})"
+        operation = f" {OPERATORS[name]} {constants[arg] if isinstance(arg, str) else arg}"
+        written, text = f"({written}{operation})", f"({text}{operation})"
+        text = bindings.computed(written, text)
+        steps.append(written)
+    return steps, text
+
+
+def expression(value: Value, element: InformationElement, bindings: Bindings, constants: Mapping[str, int]) -> str:
+    _, text = computed(value, bindings, constants)
+    if element.type in NTP and not value.guards:  # the NTP form uses its value twice
+        text = bindings.computed(f"{value.source.text}:{value.operations}", text)
     conditions = []
     for guard in value.guards:
         values = guard.values[0] if len(guard.values) == 1 else guard.values
@@ -126,14 +156,21 @@ def compile_packer(template: Template, values: Sequence[Value], *, family: int |
     largest a reduced size holds (RFC 7011 6.2) because they were larger.
     """
     table = pod_table(pods)
-    bindings = Bindings(pods_by_call=table is None)
+    values = [value.for_family(family) for value in values]
+    shared: Counter = Counter()
+    for element, value in zip(template.elements, values):
+        steps, _ = computed(value, Bindings(table is None), constants)
+        shared.update(steps)
+        if element.type in NTP and not value.guards and steps:
+            shared[f"{value.source.text}:{value.operations}"] += 2
+    bindings = Bindings(pods_by_call=table is None, shared=shared)
     saturation = Saturation(template.elements)
     env = {"route": route, "rcache": getattr(route, "cache", {}), "pods": pods,
            "pget": (table if table is not None else {}).get, "NOPOD": NOPOD, "utf8": utf8}
     env.update({f"lookup_{name}": function for name, function in (lookups or {}).items()})
     expressions = []
     for i, (element, value) in enumerate(zip(template.elements, values)):
-        text = expression(value.for_family(family), element, bindings, constants)
+        text = expression(value, element, bindings, constants)
         if element.reduced:
             env[f"clamp_{i}"] = saturation.clamp(i, element)
             text = f"clamp_{i}({text})"
