@@ -341,8 +341,10 @@ class RecordingAgent:
         self._stop = threading.Event()
         RecordingAgent.instances.append(self)
 
-    def offer(self, config):
+    def offer(self, config, applied=None):
         self.configs.append((time.monotonic(), config))
+        if applied is not None:
+            applied(None)
 
     def state(self):
         config = self.configs[-1][1]
