@@ -145,10 +145,13 @@ def test_on_reload_a_file_must_end_with_a_newline(tmp_path):
     assert load_config(str(path)).max_flows == 1024  # at start a missing final newline is fine
     assert _error(load_config, str(path), reloading=True) == (
         f"{path}: the last line ('maxFlows: 1024') has no newline at its end: the file looks truncated, cut short "
-        "while it was written; accepted on reload: a complete file, ending with a newline (editors and "
+        "while it was written; accepted: a complete file, ending with a newline (editors and "
         "yaml.dump write one)")
     path.write_bytes(GOOD)
     assert load_config(str(path), reloading=True).max_flows == 1024
+    # what the file is comes first: a binary file is named as one, not as a truncated one
+    path.write_bytes(bytes(range(256)))
+    assert "not a text file" in _error(load_config, str(path), reloading=True)
 
 
 def _error(function, *args, **kwargs) -> str:

@@ -110,6 +110,10 @@ def test_json_lines_must_be_writable(tmp_path):
         f"jsonLines: '{tmp_path / 'missing' / 'flows.jsonl'}': directory '{tmp_path / 'missing'}' does not exist; "
         "accepted: a file in an existing directory this agent can write to, or - for stdout")
     assert resolve_error({"jsonLines": str(tmp_path)}).startswith(f"jsonLines: '{tmp_path}' is a directory; ")
+    os.mkfifo(tmp_path / "fifo")
+    assert resolve_error({"jsonLines": str(tmp_path / "fifo")}).startswith(
+        f"jsonLines: '{tmp_path / 'fifo'}' is neither a regular file nor a character device; ")
+    resolve_config(parse_config({"jsonLines": "/dev/null"}))
 
 
 @pytest.mark.root

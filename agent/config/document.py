@@ -45,13 +45,21 @@ _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
-def parse_document(data: bytes, empty_hint: str) -> Any:
+def parse_document(data: bytes, empty_hint: str, final_newline: bool = False) -> Any:
     """The YAML document in ``data`` as plain Python data; ConfigError says what is wrong and where.
 
     ``empty_hint`` ends the message for an empty document: how to really
-    stop, in the words of the caller (a file, a ConfigMap).
+    stop, in the words of the caller (a file, a ConfigMap). With
+    ``final_newline`` a text that does not end with a newline is refused as
+    cut short (see load.py).
     """
     text = _text(data)
+    if final_newline and text and not text.endswith("\n"):
+        last = text.rsplit("\n", 1)[-1]
+        last = last if len(last) <= 40 else "..." + last[-37:]
+        raise ConfigError(f"the last line ({last!r}) has no newline at its end: the file looks truncated, cut short "
+                          "while it was written; accepted: a complete file, ending with a newline (editors and "
+                          "yaml.dump write one)")
     _scan(text)
     loader = _Loader(text)
     try:

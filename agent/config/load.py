@@ -69,9 +69,4 @@ def load_config(path: str, *, reloading: bool = False) -> AgentConfig:
 
 def config_from_bytes(data: bytes, *, reloading: bool = False) -> AgentConfig:
     """A configuration file's octets to an AgentConfig (pure); ConfigError without the file's name."""
-    if reloading and data and not data.endswith(b"\n"):
-        tail = data[-40:].decode("utf-8", "replace").splitlines()[-1:] or [""]
-        raise ConfigError(f"the last line ({tail[0]!r}) has no newline at its end: the file looks truncated, "
-                          "cut short while it was written; accepted on reload: a complete file, ending with a "
-                          "newline (editors and yaml.dump write one)")
-    return parse_config(parse_document(data, STOP_HINT))
+    return parse_config(parse_document(data, STOP_HINT, final_newline=reloading))

@@ -8,7 +8,8 @@ running configuration -- or nothing at all -- is in force:
 - TLS files exist, are readable, and load in ``ssl`` as what they should be:
   the CA as PEM certificates, the client certificate with its key;
 - the ``jsonLines`` file can be written: its directory exists, the path is
-  not a directory, and it is writable;
+  a regular file or a character device if it exists (a FIFO would block the
+  agent), and it is writable;
 - an interface selection's ``netns``, when its file exists, is a network
   namespace (a netns that does not exist yet is waited for: the attach
   manager reports it and attaches when it appears);
@@ -127,6 +128,9 @@ def _check_json_lines(path: str | None) -> None:
         raise ConfigError(f"jsonLines: {show(path)}: directory {show(folder)} does not exist; {accepted}")
     if os.path.isdir(path):
         raise ConfigError(f"jsonLines: {show(path)} is a directory; {accepted}")
+    if os.path.exists(path) and not (stat.S_ISREG(os.stat(path).st_mode) or stat.S_ISCHR(os.stat(path).st_mode)):
+        # a FIFO without a reader would block the agent in open() for good
+        raise ConfigError(f"jsonLines: {show(path)} is neither a regular file nor a character device; {accepted}")
     target = path if os.path.lexists(path) else folder
     if not os.access(target, os.W_OK):
         raise ConfigError(f"jsonLines: {show(path)}: {'the file' if target == path else 'its directory'} "
