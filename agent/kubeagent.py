@@ -469,6 +469,11 @@ def run_kubernetes_agent(keep_attached: bool = False, node: str | None = None,
     if not node:
         log.error("--kubernetes needs the node name in NODE_NAME (downward API: fieldRef spec.nodeName)")
         return 2
+    try:  # the node's own setting, before anything is watched or loaded
+        resolve_config(empty_config())
+    except ConfigError as err:
+        log.error("%s%s", f"{PIN_PATH_ENV}: " if os.environ.get(PIN_PATH_ENV) else "", err)
+        return 2
     mode = KubernetesMode(node, namespace or default_namespace(), keep_attached=keep_attached)
     signal.signal(signal.SIGTERM, mode.request_stop)
     signal.signal(signal.SIGINT, mode.request_stop)

@@ -291,3 +291,13 @@ def test_pin_path_outside_bpffs_is_one_line_at_start(start_template, tmp_path):
     assert result.stderr.count("\n") == 1 and f"pinPath: '{pins}' is on a " in result.stderr
     assert "not bpf; accepted: a directory on a bpf filesystem, such as /sys/fs/bpf/kipfix" in result.stderr
     assert not pins.exists()
+
+
+def test_a_kubernetes_agent_with_its_pin_path_outside_bpffs_exits_2_before_calling_the_api(tmp_path):
+    env = {**os.environ, "NODE_NAME": "node-x", "KIPFIX_PIN_PATH": str(tmp_path / "pins"),
+           "KUBECONFIG": str(tmp_path / "no-such-kubeconfig")}
+    result = subprocess.run([KIPFIX, "agent", "--kubernetes"], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert f"KIPFIX_PIN_PATH: pinPath: '{tmp_path / 'pins'}' is on a " in result.stderr
+    assert not (tmp_path / "pins").exists()
