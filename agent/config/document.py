@@ -160,9 +160,9 @@ def _scan(text: str) -> None:
             if parent is not None:
                 parent.index += 1
             if isinstance(event, yaml.AliasEvent):
-                if any(o.anchor == event.anchor for o in open_) or event.anchor not in sizes:
-                    state = "the node that contains it" if event.anchor in {o.anchor for o in open_} \
-                        else "no anchor before it"
+                containing = any(o.anchor == event.anchor for o in open_)
+                if containing or event.anchor not in sizes:
+                    state = "the node that contains it" if containing else "no anchor before it"
                     raise ConfigError(f"{path or '(top level)'}: line {line}: alias *{_shown_key(event.anchor)} "
                                       f"refers to {state}; accepted: aliases to finished, anchored parts")
                 values += sizes[event.anchor]
