@@ -293,15 +293,21 @@ def test_flowexporter_fields_carry_reduced_sizes_to_the_agent_config():
         parse_exporter(body)
 
 
-def test_the_crd_pattern_takes_names_with_an_optional_size():
+def test_the_crd_pattern_is_the_agent_rule_and_takes_every_field_kipfix_accepts():
     import re
 
     import yaml
 
+    from kipfix.agent.config import rules
+
     crd = yaml.safe_load((REPO / "crds" / "flowexporter.yaml").read_text())
-    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
-    pattern = spec["templates"]["items"]["properties"]["fields"]["items"]["pattern"]
-    assert all(re.fullmatch(pattern, f) for f in ("tcpControlBits", "tcpControlBits:1", "octetDeltaCount:4"))
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    pattern = schema["templates"]["items"]["properties"]["fields"]["items"]["pattern"]
+    assert pattern == rules.ELEMENT_FIELD_PATTERN
+    accepted = [spec(n, s) for n, s in CASES]  # every fillable element at every size it may take
+    for field in accepted:
+        fields.check_template_fields([field])
+    assert all(re.fullmatch(pattern, f) for f in accepted)
     assert not any(re.fullmatch(pattern, f) for f in ("tcpControlBits:", "tcpControlBits: 1", ":1", "a:b"))
 
 

@@ -35,8 +35,8 @@ LAYERS = [
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
 KNOWN_CYCLES: list[list[str]] = []
 # What the operator may take from the agent: the shared contract, the pure schema and the API client set-up.
-OPERATOR_MAY_IMPORT = ("kipfix.agent.contract", "kipfix.agent.config", "kipfix.agent.labelselector",
-                       "kipfix.agent.export.address", "kipfix.agent.kube.client")
+OPERATOR_MAY_IMPORT = ("kipfix.agent.contract", "kipfix.agent.config", "kipfix.agent.config.rules",
+                       "kipfix.agent.labelselector", "kipfix.agent.export.address", "kipfix.agent.kube.client")
 
 
 def modules() -> dict[str, Path]:
