@@ -5,8 +5,15 @@ flow cache, expire what ended and hand the records to the sinks. Signals
 only set flags; the loop acts on them between cycles, so a reload or a
 shutdown never races a drain.
 
-- SIGHUP reloads the file and applies only the difference; a bad file is
-  reported and the running configuration stays.
+- SIGHUP reloads the file and applies only the difference. Nothing that goes
+  wrong in a reload -- reading, parsing, checking against the host
+  (config.resolve), building the new exporters, attaching -- stops the
+  agent: it is logged with the file and key, counted in
+  ``kipfix_agent_reload_failures_total``, and the running configuration
+  keeps metering and exporting. New parts are built before old ones are
+  torn down, so a failure half-way leaves the running configuration whole.
+- At start, every configuration mistake is found before the BPF program is
+  loaded or anything is pinned (exit code 2).
 - SIGTERM/SIGINT drains once more, ends every cached flow (forced end),
   exports, and detaches (unless --keep-attached: then the filters and pinned
   tables stay, and a restarted agent picks up what was counted meanwhile).
@@ -29,7 +36,8 @@ import time
 from dataclasses import replace
 from typing import Sequence
 
-from .config import AgentConfig, ConfigError, load_config
+from .config import AgentConfig, ConfigError, changed_keys, check_reload, load_config
+from .config.resolve import resolve_config
 from .flows.record import EndReason, FlowCounters, FlowKey, FlowRecord
 from .flows.cache import FlowCache
 from .flows.gcpause import gc_paused
@@ -121,19 +129,32 @@ class FanoutSink:
 
 def build_sink(config: AgentConfig, pod_index=None, cursors: SendCursors | None = None) -> FanoutSink:
     """The configured sinks; ``pod_index`` (podmeta.PodIndex) fills the IPFIX pod elements;
-    with ``cursors``, IPFIX batches wait for the journal (``release``)."""
+    with ``cursors``, IPFIX batches wait for the journal (``release``).
+
+    ConfigError names the output that cannot be opened; nothing stays open then.
+    """
     sinks: dict[str, FlowSink] = {}
-    if config.json_lines:
-        from .export.jsonlines import JsonLinesSink
-        sinks["jsonlines"] = JsonLinesSink(config.json_lines, config.json_lines_mode)
-    if config.collectors:
-        from .export.ipfix.exporter import IpfixExporter
-        from .metrics import metered_transport
-        # metered: per-collector send errors, templates sent and last send time for the metrics
-        sinks["ipfix"] = IpfixExporter(config.collectors, config.templates, config.observation_domain_id,
-                                       enterprise_number=config.enterprise_number, pod_lookup=pod_index,
-                                       transport_factory=metered_transport,
-                                       pace_window=PACE_FRACTION * config.drain_interval, cursors=cursors)
+    try:
+        if config.json_lines:
+            from .export.jsonlines import JsonLinesSink
+            try:
+                sinks["jsonlines"] = JsonLinesSink(config.json_lines, config.json_lines_mode)
+            except OSError as err:
+                raise ConfigError(f"jsonLines: cannot open {config.json_lines!r}: {err.strerror}") from None
+        if config.collectors:
+            from .export.ipfix.exporter import IpfixExporter
+            from .metrics import metered_transport
+            try:
+                # metered: per-collector send errors, templates sent and last send time for the metrics
+                sinks["ipfix"] = IpfixExporter(config.collectors, config.templates, config.observation_domain_id,
+                                               enterprise_number=config.enterprise_number, pod_lookup=pod_index,
+                                               transport_factory=metered_transport,
+                                               pace_window=PACE_FRACTION * config.drain_interval, cursors=cursors)
+            except (OSError, ValueError) as err:
+                raise ConfigError(f"collectors: cannot start exporting: {err}") from None
+    except BaseException:
+        FanoutSink(sinks).close()
+        raise
     if not sinks:
         log.warning("no collectors and no jsonLines output configured: flows are metered but not exported")
     return FanoutSink(sinks)
@@ -161,14 +182,20 @@ class Agent:
         self.recovered = {"flows": 0, "records": 0}  # carried over from the journal at start
         self.lost: dict[str, int] = {}  # flows the journal could not carry over, per reason
         try:
+            # The exporters first: one that cannot start (ConfigError) must leave nothing loaded or pinned.
+            self.sink = build_sink(config, self.pod_index, self.cursors)
+        except BaseException:
+            self.cursors.close()
+            raise
+        try:
             self.meter = Meter(config.max_flows, config.pin_path)
         except BaseException:
+            self.sink.close()
             self.cursors.close()
             raise
         self.netns_ids = NetnsIds(default_path(config.pin_path))
         self.cache = FlowCache(config.timeouts.idle, config.timeouts.active, config.max_flows,
                                describe=self._describe)
-        self.sink = build_sink(config, self.pod_index, self.cursors)
         self.attachments = AttachmentManager(self.meter, self.netns_ids)
         self.attachments.apply(self.desired_interfaces(config))
         self.ended_netns: set[int] = set()  # netns ids whose flows end at the next drain (a deleted pod's)
@@ -210,7 +237,7 @@ class Agent:
                      self.recovered["flows"], len(held), self.recovered["records"])
         taken = self.meter.take_inactive(set(state.maps) if state is not None else set())
         self.restore_held(held)
-        self.cycle(taken=taken)
+        self._drain(taken=taken)
 
     def _count_lost(self, reason: str, flows: int) -> None:
         if flows:
@@ -276,8 +303,12 @@ class Agent:
         """Flows metered twice on one path, left out (the Kubernetes agent's pod veths)."""
         return flows
 
-    def cycle(self, final: bool = False, taken: list | None = None) -> list[FlowRecord]:
-        """One drain: ``taken`` (tables already read, at start) or swap and read now."""
+    def cycle(self, final: bool = False) -> list[FlowRecord]:
+        """One drain: swap, read, update the cache, export, journal, clear."""
+        return self._drain(final)
+
+    def _drain(self, final: bool = False, taken: list | None = None) -> list[FlowRecord]:
+        """A cycle on ``taken`` (tables already read, at start) or on a swap now."""
         started = time.monotonic()
         if taken is None:
             taken = self.meter.take()
@@ -363,45 +394,71 @@ class Agent:
     # -- reload --------------------------------------------------------------------
 
     def reload(self) -> bool:
+        """Re-read the file and apply it; any failure is reported and the running configuration stays."""
         try:
-            new = load_config(self.config_path)
+            new = load_config(self.config_path, reloading=True)
             check_standalone(new, self.config_path)
+            try:
+                check_reload(self.config, new)
+            except ConfigError as err:
+                raise ConfigError(f"{self.config_path}: {err}") from None
+            resolve_config(new, self.config_path)
+            self.apply(new)
         except ConfigError as err:
-            log.error("reload failed, keeping the running configuration: %s", err)
-            if self.metrics is not None:
-                self.metrics.reload_failed()
+            self.reload_failed(str(err))
             return False
-        self.apply(new)
+        except Exception as err:  # noqa: BLE001 -- a reload must never take the agent down
+            log.exception("unexpected error while reloading %s", self.config_path)
+            self.reload_failed(f"{self.config_path}: {type(err).__name__}: {err}")
+            return False
         return True
 
+    def reload_failed(self, message: str) -> None:
+        log.error("reload failed, keeping the running configuration: %s", message)
+        if self.metrics is not None:
+            self.metrics.reload_failed()
+
     def apply(self, new: AgentConfig) -> None:
-        """Apply only what changed; counts in the kernel and the cache stay."""
+        """Apply only what changed; counts in the kernel and the cache stay.
+
+        The new exporters are built before anything changes and the old ones
+        closed only at the end, so an exception (ConfigError when an output
+        cannot be opened) leaves the running configuration in force.
+        """
         old = self.config
         for key in ("max_flows", "pin_path", "metrics"):
             if getattr(new, key) != getattr(old, key):
                 log.warning("%s changed (%s -> %s): takes effect when the agent restarts",
                             key, getattr(old, key), getattr(new, key))
                 new = replace(new, **{key: getattr(old, key)})
+        sink = build_sink(new, self.pod_index, self.cursors) if _export_settings(new) != _export_settings(old) \
+            else None
         if new.interfaces != old.interfaces:
-            self.attachments.apply(self.desired_interfaces(new))
+            try:
+                self.attachments.apply(self.desired_interfaces(new))
+            except BaseException:
+                if sink is not None:
+                    sink.close()
+                self.attachments.apply(self.desired_interfaces(old))
+                raise
         if new.timeouts != old.timeouts:
             self.cache.idle_ns = int(new.timeouts.idle * 1e9)
             self.cache.active_ns = int(new.timeouts.active * 1e9)
-        if _export_settings(new) != _export_settings(old):
-            sink = build_sink(new, self.pod_index, self.cursors)
-            self.sink.close(keep=True)
+        if sink is not None:
+            self.sink, old_sink = sink, self.sink
+            old_sink.close(keep=True)
             # what the old exporter did not send goes on with the new one, to the collectors still there
-            _requeued, lost = sink.restore(self.sink.journal_state())
+            _requeued, lost = sink.restore(old_sink.journal_state())
             for reason, flows in lost.items():
                 log.warning("reload: %d flow records queued for collectors are not sent: %s", flows,
                             LOST_REASONS.get(reason, reason))
                 if reason == "no_collector":
                     self._count_lost(reason, flows)
-            self.sink.free_cursors()
-            self.sink = sink
+            old_sink.free_cursors()
+        changed = changed_keys(old, new)
         self.config = new
         self.generation += 1
-        log.info("configuration generation %d applied", self.generation)
+        log.info("configuration generation %d applied (changed: %s)", self.generation, ", ".join(changed) or "nothing")
 
 
 def check_standalone(config: AgentConfig, path: str | None) -> None:
@@ -414,20 +471,24 @@ def run_agent(config_path: str, keep_attached: bool = False, metrics_config: str
     """``metrics_config``: a file whose ``metrics:`` section replaces the config's (the chart's TLS and
     authentication settings)."""
     from .config import load_metrics_config
-    from .metrics import check_metrics_files
+    from .config.resolve import resolve_metrics
 
     try:
         config = load_config(config_path)
         check_standalone(config, config_path)
         if metrics_config:
             config = replace(config, metrics=load_metrics_config(metrics_config))
+        resolve_config(config, config_path)
         if config.metrics.enabled:
-            check_metrics_files(config.metrics)
-    except (ConfigError, ValueError) as err:
+            resolve_metrics(config.metrics, metrics_config or config_path)
+    except ConfigError as err:
         log.error("%s", err)
         return 2
     try:
         agent = Agent(config, config_path, keep_attached=keep_attached)
+    except ConfigError as err:  # an output that could not be opened after all
+        log.error("%s: %s", config_path, err)
+        return 2
     except PinPathInUse as err:
         log.error("%s", err)
         return 2

@@ -362,7 +362,7 @@ def test_unloadable_metrics_files_stop_the_agent_before_it_loads_anything(tmp_pa
     (tmp_path / "empty").write_text("")
     for metrics, expected in (
             ({"tls": {"cert": str(tmp_path / "not-pem.crt"), "key": str(pki / "agent.key")}},
-             "do not load as a PEM pair"),
+             "do not load as a certificate and its private key"),
             ({"tls": {"cert": str(pki / "agent.pem"), "key": str(pki / "agent.key"),
                       "clientCA": str(tmp_path / "not-pem.crt")}}, "metrics.tls.clientCA"),
             ({"basicAuth": {"username": "p", "passwordFile": str(tmp_path / "empty")}}, "is empty"),
