@@ -179,6 +179,7 @@ class Agent:
         self.cursors = SendCursors(path + ".sent")
         self.journal = Journal(path)
         self.journal_errors = 0  # commits that failed: the cycles they covered were not crash-safe
+        self._checkpoint_next = True  # the first commit (the recovery cycle's) writes everything
         self.recovered = {"flows": 0, "records": 0}  # carried over from the journal at start
         self.lost: dict[str, int] = {}  # flows the journal could not carry over, per reason
         try:
@@ -252,13 +253,24 @@ class Agent:
         self._restored_held = flows
 
     def _commit(self, taken: list) -> None:
-        rows, totals = self.cache.snapshot()
+        """Journal this cycle: a delta of the cache (what the drain changed), or a checkpoint of all of it
+        when the log has grown (or the last commit failed)."""
         held = [(netns_id, tuple(key), tuple(getattr(counters, f) for f in _COUNTER_FIELDS))
                 for netns_id, key, counters in self.held_flows()]
+        maps = tuple(t.map_id for t in taken)
+        totals = tuple(self.cache.held)
         try:
             sinks = self.sink.journal_state()
             names = self.attachments.known_names()  # the kernel and the cache know only ifindexes
-            self.journal.commit(JournalState(tuple(t.map_id for t in taken), rows, held, sinks, totals, names))
+            if self._checkpoint_next or self.journal.due():
+                self._checkpoint_next = True  # until one succeeds: a delta would miss what this one took
+                self.journal.checkpoint(JournalState(maps, self.cache.snapshot(), held, sinks, totals, names))
+                self._checkpoint_next = False
+            else:
+                changed, removed = self.cache.take_changes()
+                self._checkpoint_next = True
+                self.journal.append(JournalState(maps, changed, held, sinks, totals, names, removed))
+                self._checkpoint_next = False
         except Exception as err:  # noqa: BLE001 - crash safety is lost for this cycle; metering goes on
             self.journal_errors += 1
             if self.journal_errors == 1 or self.journal_errors % 600 == 0:
@@ -386,6 +398,7 @@ class Agent:
             log.warning("stopping: %d flow records a collector did not take are kept in the journal %s for "
                         "the next agent", left, self.journal.path)
         self.cursors.close()
+        self.journal.close()
         if not self.keep_attached:
             self.netns_ids.forget_all()  # no filter carries these ids any more
         self.attachments.close()

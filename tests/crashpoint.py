@@ -67,7 +67,8 @@ def _cursor_point(_self, _slot, serial, done, sending=None):
 
 if __name__ == "__main__":
     TARGET, NTH = sys.argv[1], int(sys.argv[2])
-    _patch(Journal, "commit", lambda *a, **k: ("before-commit", "after-commit"))
+    for commit in ("checkpoint", "append"):  # a commit is one or the other
+        _patch(Journal, commit, lambda *a, **k: ("before-commit", "after-commit"))
     _patch(Meter, "clear", lambda *a, **k: (None, "after-clear"))
     _patch(Meter, "take_inactive", lambda *a, **k: (None, "recovery"))
     _patch(SendCursors, "write", _cursor_point)

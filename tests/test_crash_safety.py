@@ -133,16 +133,18 @@ def test_a_kill_in_each_window_of_the_cycle(point, nth, router, agent_factory, c
 
 
 def test_a_kill_during_recovery_and_a_resize(router, agent_factory, collector):
-    """Killed while taking over from a killed agent, then again by a restart that changes maxFlows
-    before its first commit: the retired tables stay pinned until their flows are journaled."""
+    """Killed after a swap (the table it journaled last is the one the program writes again), then
+    while taking over, then by a restart that changes maxFlows before its first commit: the retired
+    tables stay pinned until their flows are journaled, and the one the program was writing is read
+    even though the journal names it."""
     config = agent_config(collector, router)
     proc = agent_factory(dict(config, maxFlows=64))
     before = link_stats(router.r, "r1")
-    proc.start()
-    proc.wait_log("attached kipfix to r1")
+    proc.start(crash=("before-commit", 15), wait=False)
+    proc.wait_log("attached kipfix to r1", timeout=60)
     ping = start_ping(router, 400, 0.01)
-    time.sleep(1.0)
-    proc.kill()
+    assert proc.proc.wait(60) == -9
+    proc._log.close()
     proc.start(crash=("recovery", 1), wait=False)
     assert proc.proc.wait(60) == -9
     proc._log.close()
@@ -151,7 +153,8 @@ def test_a_kill_during_recovery_and_a_resize(router, agent_factory, collector):
     assert proc.proc.wait(60) == -9
     assert "made for maxFlows 64, the config asks for 128" in proc.log()
     proc._log.close()
-    assert [name for name in os.listdir(proc.pin_path) if name.startswith("retired-")]
+    retired = sorted(name for name in os.listdir(proc.pin_path) if name.startswith("retired-"))
+    assert len(retired) == 2 and len([name for name in retired if name.endswith("-live")]) == 1, retired
     proc.start()
     assert not [name for name in os.listdir(proc.pin_path) if name.startswith("retired-")]
     sent, _received = ping_report(ping)

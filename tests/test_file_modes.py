@@ -34,7 +34,7 @@ def test_flow_and_state_files_are_private(router, agent_factory, tmp_path, monke
     router.settle()
     journal = glob.glob(f"/run/kipfix/journal{proc.pin_path.replace('/', '_')}-*")
     files = [proc.config["jsonLines"], default_path(proc.pin_path), str(tc_state), f"{tc_state}.lock", *journal]
-    assert len(journal) == 2  # the journal and its cursor file
+    assert len(journal) == 3  # the journal, its log and the cursor file
     for path in files:
         assert (path, mode(path)) == (path, 0o600)
     assert mode(tc_state.parent) == 0o700

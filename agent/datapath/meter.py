@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import struct
 import subprocess
 
 from . import bpfsys
@@ -48,9 +49,30 @@ def ensure_bpffs(path: str = BPFFS) -> None:
                            "(in a pod: a hostPath volume for /sys/fs/bpf)")
 
 
+def _active_table_id(pin_path: str) -> int | None:
+    """Map id of the table the pinned slot points the program at (None: no slot, or empty)."""
+    try:
+        fd = bpfsys.obj_get(os.path.join(pin_path, ACTIVE_SLOT))
+    except bpfsys.BpfError:
+        return None
+    try:
+        raw = bpfsys.lookup(fd, struct.pack("=i", 0), 4)
+    except bpfsys.BpfError:
+        raw = None
+    finally:
+        os.close(fd)
+    return struct.unpack("=I", raw)[0] if raw else None
+
+
 def reconcile_pins(pin_path: str, max_flows: int) -> None:
-    """Remove pins the new program cannot share; re-pin resized flow tables as retired."""
+    """Remove pins the new program cannot share; re-pin resized flow tables as retired.
+
+    A retired table keeps in its name whether the program was writing it
+    (``-live``): the journal may name a table it holds, but once the
+    program writes into it again only the inactive one is really covered.
+    """
     expected = _expected_layouts(max_flows)
+    active = _active_table_id(pin_path)
     stale = []
     tables_replaced = False
     for name, (map_type, key_size, value_size, max_entries) in expected.items():
@@ -70,7 +92,8 @@ def reconcile_pins(pin_path: str, max_flows: int) -> None:
             continue
         if same_layout and name in FLOW_TABLES:
             # They hold counts, and the old program may add more until it is replaced.
-            os.rename(path, os.path.join(pin_path, f"{RETIRED_PREFIX}{info.id}"))
+            live = "-live" if active in (None, info.id) else ""  # unknown: never taken as journaled
+            os.rename(path, os.path.join(pin_path, f"{RETIRED_PREFIX}{info.id}{live}"))
             log.warning("pinned table %s was made for maxFlows %d, the config asks for %d: replacing it "
                         "and carrying its flows over at the first drain", path, info.max_entries, max_flows)
             tables_replaced = True
@@ -94,6 +117,7 @@ class _Retired:
 
     def __init__(self, path: str):
         self.path = path
+        self.live = path.endswith("-live")  # the program was writing it when it was retired
         self.fd = bpfsys.obj_get(path)
         info = bpfsys.map_info(self.fd)
         self.map_id, self.max_entries = info.id, info.max_entries
@@ -188,7 +212,7 @@ class Meter:
         else:
             taken.append(self.tables.take(inactive))
         for retired in list(self.retired):
-            if retired.map_id in journaled:
+            if retired.map_id in journaled and not retired.live:
                 retired.release()
                 self.retired.remove(retired)
             else:

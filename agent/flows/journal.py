@@ -2,12 +2,21 @@
 
 A drain reads the inactive kernel table without deleting anything; the
 agent then folds the flows into its cache, hands the ended ones to the
-sinks, and *commits* the journal -- the flow cache, the records queued for
-each collector and the ids of the kernel tables just read -- before it
-deletes those flows from the kernel and lets the senders send them. A
-commit is one atomic rename, so a process killed at any moment leaves
-either the previous journal, with the flows it had not committed still in
-the kernel, or the new one, and the map ids say which tables it covers.
+sinks, and *commits* the journal -- what changed in the flow cache, the
+records queued for each collector and the ids of the kernel tables just
+read -- before it deletes those flows from the kernel and lets the senders
+send them. A process killed at any moment leaves either the previous commit,
+with the flows it had not committed still in the kernel, or the new one, and
+the map ids say which tables it covers.
+
+A commit is either a checkpoint (everything, written to a temporary file
+and renamed over the journal) or a delta appended to ``JOURNAL.log``: the
+cache rows that changed and the keys that left, and the rest whole (it is
+small). A delta costs what the drain changed, not what the cache holds; a
+checkpoint comes when the log outgrows the journal. Each log record carries
+its checkpoint's generation and a CRC: records of an older checkpoint, and
+a record cut short by the kill, are not replayed (that commit did not
+happen).
 
 What was sent after the last commit is in the cursor file: each collector
 session owns a slot where its sender writes, before and after every
@@ -28,6 +37,7 @@ fsynced.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import errno
 import fcntl
@@ -49,16 +59,18 @@ MAGIC = b"KIPFIXJ1"
 # magic, CRC-32 of the body, and what the body holds (flows, packets, octets): readable even when
 # the body is not (another version's schema), so a journal that cannot be replayed is still counted
 HEADER = struct.Struct("!8sIQQQ")
+RECORD = struct.Struct("!IIQ")  # a log record: body length, CRC-32 of the body, checkpoint generation
 # The body's shape depends on these; another version's journal is counted, not misread.
-SCHEMA = "2:" + ",".join(FlowKey._fields) + ":" + ",".join(f.name for f in dataclasses.fields(FlowCounters))
+SCHEMA = "3:" + ",".join(FlowKey._fields) + ":" + ",".join(f.name for f in dataclasses.fields(FlowCounters))
 # batch serial; position after the last message sent; end of the message being sent (= the former
 # when none is): positions are (set index, record index) in the batch's groups
 CURSOR = struct.Struct("!QIIII")
 MAX_SLOTS = 4096
+MIN_LOG_BYTES = 1 << 20  # the log may grow to the journal's size, and to this at least, before a checkpoint
 
 
 def journal_path(state_dir: str, pin_path: str) -> str:
-    """The journal of the tables pinned at ``pin_path`` (the cursor file adds ``.sent``)."""
+    """The journal of the tables pinned at ``pin_path`` (the log adds ``.log``, the cursors ``.sent``)."""
     digest = hashlib.sha256(pin_path.encode()).hexdigest()[:8]
     return os.path.join(state_dir, f"journal{pin_path.replace('/', '_')}-{digest}")
 
@@ -77,14 +89,19 @@ class PinPathInUse(RuntimeError):
 
 @dataclass
 class JournalState:
-    """One commit. ``maps``: ids of the kernel tables whose flows are in here."""
+    """What a commit holds. ``maps``: ids of the kernel tables whose flows are in here.
+
+    For a checkpoint, ``cache`` is every row of the flow cache; for a delta,
+    ``cache`` is the rows that changed and ``removed`` the keys that left.
+    """
 
     maps: tuple[int, ...] = ()
-    cache: list = field(default_factory=list)  # FlowCache.snapshot()
+    cache: list = field(default_factory=list)  # FlowCache rows: (netns id, key tuple, counters or None, last seen)
     held: list = field(default_factory=list)  # drained flows a sink-side filter holds back one drain
     sinks: dict[str, Any] = field(default_factory=dict)  # each sink's own state, plain data
-    totals: tuple[int, int, int] = (0, 0, 0)  # flows, packets, octets held in the above
+    totals: tuple[int, int, int] = (0, 0, 0)  # flows, packets, octets held in the cache
     names: dict = field(default_factory=dict)  # (netns id, ifindex) -> interface name
+    removed: list = field(default_factory=list)
 
 
 class _PlainData(pickle.Unpickler):
@@ -94,19 +111,45 @@ class _PlainData(pickle.Unpickler):
         raise pickle.UnpicklingError(f"the journal names {module}.{name}: only plain data is accepted")
 
 
-def _private_file(path: str) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def _dumps(data: Any) -> bytes:
+    buffer = io.BytesIO()
+    pickler = pickle.Pickler(buffer, protocol=5)
+    pickler.fast = True  # no memo: a few times faster for many small tuples, and nothing here is shared
+    pickler.dump(data)
+    return buffer.getvalue()
+
+
+def _loads(data: bytes) -> Any:
+    return _PlainData(io.BytesIO(data)).load()
+
+
+def _private_file(path: str, flags: int = os.O_RDWR) -> int:
+    fd = os.open(path, flags | os.O_CREAT | os.O_CLOEXEC, 0o600)
     os.fchmod(fd, 0o600)
     return fd
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 class Journal:
     def __init__(self, path: str):
         self.path = path
+        self.log_path = path + ".log"
         os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+        self.generation = 0
+        self._journal_bytes = 0
+        self._log_bytes = 0
+        self._log_fd = -1
+
+    # -- reading --------------------------------------------------------------------------
 
     def load(self) -> JournalState | None:
-        """The last commit; None if there is none. JournalError if it cannot be used."""
+        """The last commit: the checkpoint with its log replayed; None if there is none.
+        JournalError if it cannot be used."""
         try:
             with open(self.path, "rb") as handle:
                 data = handle.read()
@@ -122,32 +165,98 @@ class Journal:
         if zlib.crc32(body) != crc:
             raise JournalError(f"{self.path} is damaged (checksum)", lost)
         try:
-            raw = _PlainData(io.BytesIO(body)).load()
+            raw = _loads(body)
         except Exception as err:  # noqa: BLE001 - any undecodable body is one error
             raise JournalError(f"{self.path} cannot be decoded: {err}", lost) from None
         if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
             schema = raw.get("schema") if isinstance(raw, dict) else None
             raise JournalError(f"{self.path} was written by another kipfix version (schema {schema!r})", lost)
-        return JournalState(tuple(raw["maps"]), raw["cache"], raw["held"], raw["sinks"], lost, raw["names"])
+        cache = collections.OrderedDict(((row[0], row[1]), row) for row in raw["cache"])
+        state = JournalState(tuple(raw["maps"]), [], raw["held"], raw["sinks"], lost, raw["names"])
+        for delta in self._log_records(raw["generation"]):
+            for row in delta["cache"]:
+                cache[(row[0], row[1])] = row
+                cache.move_to_end((row[0], row[1]))
+            for cache_key in delta["removed"]:
+                cache.pop(tuple(cache_key), None)
+            state = JournalState(tuple(delta["maps"]), [], delta["held"], delta["sinks"], tuple(delta["totals"]),
+                                 delta["names"])
+        state.cache = list(cache.values())
+        return state
 
-    def commit(self, state: JournalState) -> None:
-        """Replace the journal with ``state`` in one rename. OSError if it cannot be written."""
-        body = pickle.dumps({"schema": SCHEMA, "maps": list(state.maps), "cache": state.cache,
-                             "held": state.held, "sinks": state.sinks, "names": state.names}, protocol=5)
+    def _log_records(self, generation: int):
+        """The log's records of ``generation``, up to the first that is cut short or damaged."""
+        try:
+            with open(self.log_path, "rb") as handle:
+                data = handle.read()
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            log.warning("cannot read %s (%s): replaying the journal without it", self.log_path, err.strerror)
+            return
+        offset = 0
+        while offset + RECORD.size <= len(data):
+            length, crc, record_generation = RECORD.unpack_from(data, offset)
+            body = data[offset + RECORD.size:offset + RECORD.size + length]
+            if len(body) < length or zlib.crc32(body) != crc:
+                return  # the commit being written when the agent died: it did not happen
+            offset += RECORD.size + length
+            if record_generation != generation:
+                continue  # left over from before the checkpoint
+            try:
+                yield _loads(body)
+            except Exception:  # noqa: BLE001 - a record that does not decode ends the replay like a torn one
+                return
+
+    # -- writing -------------------------------------------------------------------------
+
+    def due(self) -> bool:
+        """True when the next commit should be a checkpoint: none yet, or the log outgrew the journal."""
+        return self._log_fd < 0 or self._log_bytes > max(self._journal_bytes, MIN_LOG_BYTES)
+
+    def checkpoint(self, state: JournalState) -> None:
+        """Replace the journal with ``state`` (every cache row) in one rename, and start a new log.
+        OSError if it cannot be written."""
+        generation = int.from_bytes(os.urandom(8), "big")
+        body = _dumps({"schema": SCHEMA, "generation": generation, "maps": list(state.maps), "cache": state.cache,
+                       "held": state.held, "sinks": state.sinks, "names": state.names})
         header = HEADER.pack(MAGIC, zlib.crc32(body), *state.totals)
         tmp = self.path + ".tmp"
         fd = _private_file(tmp)
         try:
             os.ftruncate(fd, 0)
-            view = memoryview(header + body)
-            while view:
-                view = view[os.write(fd, view):]
+            _write_all(fd, header + body)
         finally:
             os.close(fd)
-        os.replace(tmp, self.path)
+        os.replace(tmp, self.path)  # the commit: log records of the old generation are dead from here
+        self.generation = generation
+        self._journal_bytes = len(header) + len(body)
+        if self._log_fd >= 0:
+            os.close(self._log_fd)
+        self._log_fd = _private_file(self.log_path, os.O_WRONLY | os.O_TRUNC | os.O_APPEND)
+        self._log_bytes = 0
+
+    def append(self, delta: JournalState) -> None:
+        """Commit what changed since the last commit (one append). OSError if it cannot be written;
+        the next commit is then a checkpoint."""
+        body = _dumps({"maps": list(delta.maps), "cache": delta.cache, "removed": delta.removed,
+                       "held": delta.held, "sinks": delta.sinks, "names": delta.names, "totals": list(delta.totals)})
+        try:
+            _write_all(self._log_fd, RECORD.pack(len(body), zlib.crc32(body), self.generation) + body)
+        except OSError:
+            os.close(self._log_fd)
+            self._log_fd = -1  # a record may be half written: only a checkpoint is sure to count
+            raise
+        self._log_bytes += RECORD.size + len(body)
+
+    def close(self) -> None:
+        if self._log_fd >= 0:
+            os.close(self._log_fd)
+            self._log_fd = -1
 
     def remove(self) -> None:
-        for path in (self.path, self.path + ".tmp"):
+        self.close()
+        for path in (self.path, self.path + ".tmp", self.log_path):
             try:
                 os.unlink(path)
             except FileNotFoundError:
