@@ -270,3 +270,16 @@ def test_kipfix_collect_memory_stays_flat_and_a_closed_pipe_ends_it():
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_keeping_a_number_of_messages_keeps_at_most_twice_that():
+    collector = Collector(out=None, err=None, keep=5).start()
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            for _ in range(8):
+                for data in VALID:
+                    sock.sendto(data, ("127.0.0.1", collector.port))
+        assert collector.wait_for(lambda c: c.messages_received == 8 * len(VALID), 10)
+        assert 5 <= len(collector.received) <= 10 and collector.received[-1].raw == VALID[-1]
+    finally:
+        collector.stop()

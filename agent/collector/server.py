@@ -178,9 +178,9 @@ class Collector:
         self.max_connections, self.idle_timeout = max_connections, idle_timeout
         self.store = TemplateStore(default_model(enterprise_number),
                                    **({} if max_templates is None else {"max_templates": max_templates}))
-        maxlen = None if keep is True else int(keep)
-        self.keep = maxlen is None or maxlen > 0
-        self.received: collections.deque[Received] = collections.deque(maxlen=maxlen)
+        self._keep_at_most = None if keep is True else int(keep)
+        self.keep = self._keep_at_most is None or self._keep_at_most > 0
+        self.received: list[Received] = []  # a list: tests index and slice it
         self.data_records = 0
         self.messages_received = 0
         self.malformed = 0  # messages (and TCP streams) rejected
@@ -378,7 +378,7 @@ class Collector:
                                 f"{message.domain_id}: data set {set_id} without a known template skipped")
         with self._cond:
             if self.keep:
-                self.received.append(Received(transport, peer, data, message))
+                self._keep(Received(transport, peer, data, message))
             self.messages_received += 1
             self.data_records += len(message.data_records)
             if self.out is not None and lines and not self.output_closed:
@@ -407,9 +407,15 @@ class Collector:
             if len(self.errors) > 2 * MAX_ERRORS:
                 del self.errors[:-MAX_ERRORS]
             if self.keep:
-                self.received.append(Received(transport, peer, data, None, reason))
+                self._keep(Received(transport, peer, data, None, reason))
             self._cond.notify_all()
         self.reports.report(who, "malformed", text)
+
+    def _keep(self, received: Received) -> None:
+        self.received.append(received)
+        at_most = self._keep_at_most
+        if at_most is not None and len(self.received) > 2 * at_most:
+            del self.received[:-at_most]  # trimmed now and then, not on every message
 
     def _report(self, text: str) -> None:
         if self.err is not None:
