@@ -166,7 +166,7 @@ def test_conflicts_keep_the_older_exporter_and_name_both(spec_b, words):
 def test_a_merge_the_agent_rejects_is_a_conflict():
     # b's template does not fit a's collector's message size: found by the agent's own rules
     a = parse_exporter(body("a", collectors=[{"address": "127.0.0.1:4739", "maxMessageSize": 64}],
-                            templates=[{"id": 256, "fields": ["octetDeltaCount"]}]))
+                            templates=[{"id": 256, "fields": ["octetDeltaCount", "sourceIPv4Address"]}]))
     b = parse_exporter(body("b", "2026-01-02T00:00:00Z", collectors=[{"address": "127.0.0.2:4739"}],
                             templates=[{"id": 257, "fields": V4 + ["sourceIPv6Address", "destinationIPv6Address"]}]))
     result = plan([a, b], {"n": {}})
