@@ -62,7 +62,7 @@ def make_records(netns: str = "") -> list[FlowRecord]:
             end_ns=start + 2_500_000_123 + i, end_reason=EndReason(1 + i % 5),
             tcp_flags=0x12 | i if proto == 6 else 0, min_ttl=30 + i, max_ttl=60 + i, tos=0xB8 + i,
             vlan_id=100 + i, inner_vlan_id=200 + i, fragment_id=7000 + i,
-            interface_name=f"veth{i}", netns=netns))
+            interface_name=f"veth{i}", netns=netns, observation_point_id=(i % 2) << 32 | (2 + i % 3)))
     return records
 
 
@@ -128,6 +128,7 @@ def expected_values(record: FlowRecord, names, exporter, routes=None) -> dict:
         "ipNextHopIPv6Address": ipaddress.ip_address(next_hop or zero_hop) if v6
         else ipaddress.IPv6Address(0),
         "interfaceName": record.interface_name, "networkNamespace": record.netns,
+        "observationPointId": record.observation_point_id,
         "observationDomainId": exporter.observation_domain_id, "exportingProcessId": exporter.exporting_process_id,
         **{name: "" for name in fields.POD_NAMES},  # no pod index here (tests/test_pod_ipfix.py has one)
     }
@@ -223,7 +224,7 @@ TSHARK = {
     "sourceIPv6PrefixLength": ("cflow.srcmaskv6", str), "destinationIPv6PrefixLength": ("cflow.dstmaskv6", str),
     "ipNextHopIPv4Address": ("cflow.nexthop", str), "ipNextHopIPv6Address": ("cflow.nexthopv6", str),
     "interfaceName": ("cflow.if_name", str), "observationDomainId": ("cflow.od_id", str),
-    "exportingProcessId": ("cflow.flow_exporter", str),
+    "exportingProcessId": ("cflow.flow_exporter", str), "observationPointId": ("cflow.observation_point_id", str),
     "ingressInterface": ("cflow.inputint", str), "egressInterface": ("cflow.outputint", str),
     "flowStartSysUpTime": ("cflow.timestart", lambda v: f"{v // 1000}.{v % 1000:03d}000000"),
     "flowEndSysUpTime": ("cflow.timeend", lambda v: f"{v // 1000}.{v % 1000:03d}000000"),
@@ -370,22 +371,30 @@ def test_full_template_round_trip_collector_and_tshark(tmp_path, route_netns):
         assert checked == sum(sum(1 for e in template_for(r, exporter, 300).elements if not e.pen) for r in records)
 
 
-def test_options_records_report_interfaces_and_ignored_packets():
+def test_options_records_report_observation_points_and_ignored_packets():
     stats = MeteringStats(observed_packets=1000, observed_octets=64000, ignored_packets=17, ignored_octets=1700,
-                          interfaces=((2, "veth0"), (3, "eth1")))
+                          ignored_first_ms=1_700_000_000_123, ignored_last_ms=1_700_000_009_456,
+                          observation_points=((2, 2, "veth0", "host"), ((5 << 32) | 2, 2, "eth0", "pod-a")))
     collector, exporter = run_export([TemplateConfig(256, MINIMAL)], make_records(), stats=stats)
     options = [r for m in collector.messages() for r in m.options_records]
     by_scope = {}
     for record in options:
         by_scope.setdefault(record.scope[0], []).append(record.values)
-    # the latest report of each kind (the first may predate export())
-    assert by_scope["ingressInterface"][-2:] == [{"ingressInterface": 2, "interfaceName": "veth0"},
-                                                  {"ingressInterface": 3, "interfaceName": "eth1"}]
+    # the latest report of each kind (the first may predate export()); two interfaces with ifindex 2, told
+    # apart by their observation point
+    assert by_scope["observationPointId"][-2:] == [
+        {"observationPointId": 2, "ingressInterface": 2, "interfaceName": "veth0", "networkNamespace": "host"},
+        {"observationPointId": (5 << 32) | 2, "ingressInterface": 2, "interfaceName": "eth0",
+         "networkNamespace": "pod-a"}]
     reliability = [v for v in by_scope["observationDomainId"] if "ignoredPacketTotalCount" in v][-1]
-    assert (reliability["observationDomainId"], reliability["ignoredPacketTotalCount"],
-            reliability["ignoredOctetTotalCount"]) == (4242, 17, 1700)
+    assert reliability == {"observationDomainId": 4242, "ignoredPacketTotalCount": 17, "ignoredOctetTotalCount": 1700,
+                           "observationTimeMilliseconds": [1_700_000_000_123, 1_700_000_009_456]}
+    process = [v for v in by_scope["observationDomainId"] if "systemInitTimeMilliseconds" in v][-1]
+    assert process == {"observationDomainId": 4242, "systemInitTimeMilliseconds": exporter.system_init_ms,
+                       "packetTotalCount": 1000, "octetTotalCount": 64000}
     exporting = by_scope["exportingProcessId"][-1]
-    assert (exporting["exportingProcessId"], exporting["notSentFlowTotalCount"]) == (77, 0)
+    assert exporting == {"exportingProcessId": 77, "notSentFlowTotalCount": 0, "notSentPacketTotalCount": 0,
+                         "notSentOctetTotalCount": 0, "observationTimeMilliseconds": [0, 0]}
 
 
 def wait_for_probe(port: int, path) -> None:
@@ -437,7 +446,7 @@ def test_live_capture_on_loopback_decodes_cleanly(tmp_path, transport):
         wait_for_probe(collector.port, path)
         exporter = IpfixExporter([CollectorConfig(f"127.0.0.1:{collector.port}", "127.0.0.1", collector.port,
                                                   transport)], [TemplateConfig(256, MINIMAL)], 4242)
-        exporter.export(records, MeteringStats(interfaces=((2, "veth0"),)))
+        exporter.export(records, MeteringStats(observation_points=((2, 2, "veth0", "host"),)))
         exporter.close(10)
         assert collector.wait_for(lambda c: c.data_records >= len(records), 10)
         wait_for_probe(collector.port, path)  # once a later probe is in the file, everything before is
@@ -449,3 +458,33 @@ def test_live_capture_on_loopback_decodes_cleanly(tmp_path, transport):
                          capture_output=True, text=True, check=True).stdout
     assert bad == ""
     assert decoded_pairs() == [(r.packets, r.octets) for r in records]
+
+
+def test_the_collector_names_each_records_interface_and_namespace():
+    """Two interfaces with ifindex 2 in two namespaces: the collector tells them apart by observation point."""
+    import io
+    import json
+
+    records = [r for r in make_records() if r.key.ip_version == 4][:2]
+    points = ((2, 2, "veth0", "host"), ((5 << 32) | 2, 2, "eth0", "pod-a"))
+    for record, point in zip(records, points):
+        record.observation_point_id = point[0]
+    template = TemplateConfig(256, MINIMAL + ("observationPointId", "ingressInterface"))
+    for json_lines in (False, True):
+        out = io.StringIO()
+        collector = Collector(out=out, err=None, json_lines=json_lines).start()
+        try:
+            config = CollectorConfig(f"127.0.0.1:{collector.port}", "127.0.0.1", collector.port, "udp")
+            exporter = IpfixExporter([config], [template], observation_domain_id=4242)
+            exporter.export(records, MeteringStats(observation_points=points))
+            exporter.close(10)
+            assert collector.wait_for(lambda c: len(c.records(256)) == 2, 10)
+        finally:
+            collector.stop()
+        lines = [line for line in out.getvalue().splitlines() if line.startswith("2") or '"template": 256' in line]
+        if json_lines:
+            assert [json.loads(line)["observationPoint"] for line in lines] == [
+                {"netns": "host", "interface": "veth0", "ifindex": 2},
+                {"netns": "pod-a", "interface": "eth0", "ifindex": 2}]
+        else:
+            assert [line.split()[6] for line in lines] == ["veth0@host", "eth0@pod-a"]

@@ -262,9 +262,9 @@ def test_template_records_are_counted_in_template_messages_only():
     exporter = IpfixExporter([], (TemplateConfig(256, MINIMAL_TEMPLATE),), 1)
     session = ExportSession(1, 1400, [ft.template for ft in exporter.flow_templates] + exporter.options.templates)
     messages = session.template_messages(0)
-    assert sum(template_records(m) for m in messages) == len(session.templates) == 6  # 2 flow + 4 options
+    assert sum(template_records(m) for m in messages) == len(session.templates) == 7  # 2 flow + 5 options
     small = ExportSession(1, 64, session.templates)  # one template per message
-    assert sum(template_records(m) for m in small.template_messages(0)) == 6
+    assert sum(template_records(m) for m in small.template_messages(0)) == 7
     assert template_records(session.withdrawal_message(0)) == 0
     groups = exporter.encode(dummy_records(8))
     assert all(template_records(p.message) == 0 for p in session.data_messages(groups, 0))

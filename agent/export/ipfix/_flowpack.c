@@ -29,7 +29,7 @@ enum {
     V_START_MS, V_END_MS, V_START_S, V_END_S, V_START_NTP, V_END_NTP, V_START_NTP_US, V_END_NTP_US,
     V_START_UPTIME, V_END_UPTIME,
     V_IP_VERSION, V_DIRECTION, V_PROTOCOL, V_INGRESS, V_EGRESS, V_SPORT, V_DPORT,
-    V_ICMP4, V_ICMP6, V_FORWARDING,
+    V_ICMP4, V_ICMP6, V_FORWARDING, V_OBS_POINT,
     /* argument: the IP version they are filled for (0 for other records), or 0 for every record */
     V_SRC_PREFIX, V_DST_PREFIX,
     /* Byte values. */
@@ -42,17 +42,18 @@ enum {
 /* FlowRecord slots and FlowKey items that steps read. */
 enum {
     R_KEY, R_PACKETS, R_OCTETS, R_START, R_END, R_END_REASON, R_TCP_FLAGS, R_MIN_TTL, R_MAX_TTL,
-    R_TOS, R_VLAN, R_INNER_VLAN, R_FRAGMENT, R_INTERFACE_NAME, R_NETNS, R_COUNT
+    R_TOS, R_VLAN, R_INNER_VLAN, R_FRAGMENT, R_OBS_POINT, R_INTERFACE_NAME, R_NETNS, R_COUNT
 };
 static const char *const record_slots[R_COUNT] = {
     "key", "packets", "octets", "start_ns", "end_ns", "end_reason", "tcp_flags", "min_ttl", "max_ttl",
-    "tos", "vlan_id", "inner_vlan_id", "fragment_id", "interface_name", "netns",
+    "tos", "vlan_id", "inner_vlan_id", "fragment_id", "observation_point_id", "interface_name", "netns",
 };
 enum { K_IFINDEX, K_DIRECTION, K_IP_VERSION, K_PROTOCOL, K_SRC, K_DST, K_SPORT, K_DPORT, K_COUNT };
 
 #define INTEGER_SLOTS ((1u << R_PACKETS) | (1u << R_OCTETS) | (1u << R_START) | (1u << R_END) | \
                        (1u << R_END_REASON) | (1u << R_TCP_FLAGS) | (1u << R_MIN_TTL) | (1u << R_MAX_TTL) | \
-                       (1u << R_TOS) | (1u << R_VLAN) | (1u << R_INNER_VLAN) | (1u << R_FRAGMENT))
+                       (1u << R_TOS) | (1u << R_VLAN) | (1u << R_INNER_VLAN) | (1u << R_FRAGMENT) | \
+                       (1u << R_OBS_POINT))
 
 typedef struct {
     int op;
@@ -107,6 +108,7 @@ step_uses(int op, unsigned *needs, int *rs, int *rd, int *ps, int *pd)
     case V_INNER_VLAN: *needs |= 1u << R_INNER_VLAN; break;
     case V_END_REASON: *needs |= 1u << R_END_REASON; break;
     case V_FRAGMENT: *needs |= 1u << R_FRAGMENT; break;
+    case V_OBS_POINT: *needs |= 1u << R_OBS_POINT; break;
     case V_START_MS: case V_START_S: case V_START_NTP: case V_START_NTP_US: case V_START_UPTIME:
         *needs |= 1u << R_START; break;
     case V_END_MS: case V_END_S: case V_END_NTP: case V_END_NTP_US: case V_END_UPTIME:
@@ -412,6 +414,7 @@ integer_value(Packer *self, const Step *s, Inputs *in, unsigned long long *out)
     case V_INNER_VLAN: *out = in->value[R_INNER_VLAN]; return 0;
     case V_END_REASON: *out = in->value[R_END_REASON]; return 0;
     case V_FRAGMENT: *out = in->value[R_FRAGMENT]; return 0;
+    case V_OBS_POINT: *out = in->value[R_OBS_POINT]; return 0;
     case V_START_MS: *out = start / 1000000ULL; return 0;
     case V_END_MS: *out = end / 1000000ULL; return 0;
     case V_START_S: *out = start / 1000000000ULL; return 0;
@@ -623,7 +626,7 @@ static const struct { const char *name; int value; } constants[] = {
     CONSTANT(V_START_NTP_US), CONSTANT(V_END_NTP_US), CONSTANT(V_START_UPTIME), CONSTANT(V_END_UPTIME),
     CONSTANT(V_IP_VERSION), CONSTANT(V_DIRECTION), CONSTANT(V_PROTOCOL), CONSTANT(V_INGRESS),
     CONSTANT(V_EGRESS), CONSTANT(V_SPORT), CONSTANT(V_DPORT), CONSTANT(V_ICMP4), CONSTANT(V_ICMP6),
-    CONSTANT(V_FORWARDING), CONSTANT(V_SRC_PREFIX), CONSTANT(V_DST_PREFIX), CONSTANT(B_SRC), CONSTANT(B_DST),
+    CONSTANT(V_FORWARDING), CONSTANT(V_OBS_POINT), CONSTANT(V_SRC_PREFIX), CONSTANT(V_DST_PREFIX), CONSTANT(B_SRC), CONSTANT(B_DST),
     CONSTANT(B_NEXT_HOP), CONSTANT(B_ZERO), CONSTANT(B_INTERFACE_NAME), CONSTANT(B_NETNS),
     CONSTANT(B_SRC_POD), CONSTANT(B_DST_POD), CONSTANT(KIND_INT), CONSTANT(KIND_BYTES), CONSTANT(KIND_VARLEN),
 };

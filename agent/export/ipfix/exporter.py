@@ -111,9 +111,7 @@ class CollectorSession:
             return False
 
     def _count_dropped(self, batch: Batch) -> None:
-        self.counters.not_sent_flows += batch.flows
-        self.counters.not_sent_packets += batch.packets
-        self.counters.not_sent_octets += batch.octets
+        self.counters.dropped(batch.flows, batch.packets, batch.octets, time.time_ns() // 1_000_000)
 
     @property
     def queued_flows(self) -> int:
@@ -276,7 +274,7 @@ class CollectorSession:
             self.counters.records += packed.records
             start = packed.end
         if too_large:
-            self.counters.not_sent_flows += len(too_large)
+            self.counters.dropped(len(too_large), 0, 0, time.time_ns() // 1_000_000)
             log.warning("%s: %d records larger than maxMessageSize %d were not sent", self.name,
                         len(too_large), self.config.max_message_size)
 
@@ -314,8 +312,8 @@ class IpfixExporter:
         self.system_init_ms = system_init_ms()
         self.flow_templates: list[FlowTemplate] = build_flow_templates(templates, enterprise_number)
         ids = free_ids(ft.template.id for ft in self.flow_templates)
-        self.options = OptionsReporter([next(ids) for _ in range(4)], observation_domain_id,
-                                       self.exporting_process_id, self.system_init_ms)
+        self.options = OptionsReporter([next(ids) for _ in range(OptionsReporter.COUNT)], observation_domain_id,
+                                       self.exporting_process_id, self.system_init_ms, enterprise_number)
         for collector in collectors:
             for ft in self.flow_templates:
                 need = HEADER_LENGTH + SET_HEADER_LENGTH + ft.template.min_record_length
@@ -397,7 +395,9 @@ class IpfixExporter:
         selects it; within a group, IPv4 records come before IPv6 records.
         Records no template selects are counted in ``unselected``.
         """
-        parts, left = self._partition(records)
+        return self._encode(*self._partition(records))
+
+    def _encode(self, parts: dict, left: list) -> tuple:
         if left:
             self._count_unselected(left)
         groups = []
@@ -425,7 +425,7 @@ class IpfixExporter:
                         counts.packets, counts.octets, key.ip_version, key.protocol, key.src_ip, key.dst_ip)
             counts.reported_flows, counts.reported_at = counts.flows, now
     def export(self, records: Sequence[FlowRecord], stats: MeteringStats) -> None:
-        interfaces_changed = stats.interfaces != self.stats.interfaces
+        interfaces_changed = stats.observation_points != self.stats.observation_points
         self.stats = stats
         if interfaces_changed:
             for session in self.sessions:
@@ -433,9 +433,10 @@ class IpfixExporter:
         if not self.sessions:
             return
         for start in range(0, len(records), self.chunk_size):
-            chunk = records[start:start + self.chunk_size]
-            batch = Batch(self.encode(chunk), len(chunk), sum(r.packets for r in chunk),
-                          sum(r.octets for r in chunk))
+            parts, left = self._partition(records[start:start + self.chunk_size])
+            chosen = [r for part in parts.values() for r in part]
+            batch = Batch(self._encode(parts, left), len(chosen), sum(r.packets for r in chosen),
+                          sum(r.octets for r in chosen))
             for session in self.sessions:
                 session.offer(batch)
 

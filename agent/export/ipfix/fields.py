@@ -8,7 +8,9 @@ per-field dispatch. Variable-length expressions produce bytes.
 
 Semantics worth knowing:
 - ingressInterface is the metered ifindex for ingress flows (0 for egress
-  flows); egressInterface the reverse.
+  flows); egressInterface the reverse. An ifindex is unique only within its
+  network namespace: observationPointId names the (netns, ifindex) pair, and
+  the observation point options records map it to names (options.py).
 - Transport ports are 0 for ICMP/ICMPv6; the type and code go in
   icmpTypeCodeIPv4/IPv6 (type << 8 | code), as RFC 7012 defines them.
 - Elements of the other address family than the record's are 0.
@@ -108,6 +110,7 @@ EXPRESSIONS: dict[str, str] = {
     "flowEndReason": "r.end_reason",
     "forwardingStatus": "(64 if k.direction else 0)",
     "fragmentIdentification": "r.fragment_id",
+    "observationPointId": "r.observation_point_id",
     "interfaceName": "r.interface_name.encode()",
     "observationDomainId": "odid",
     "exportingProcessId": "epid",

@@ -65,6 +65,7 @@ def _steps() -> dict[str, tuple[str, int | str]]:
         "flowEndReason": ("V_END_REASON", 0),
         "forwardingStatus": ("V_FORWARDING", 0),
         "fragmentIdentification": ("V_FRAGMENT", 0),
+        "observationPointId": ("V_OBS_POINT", 0),
         "interfaceName": ("B_INTERFACE_NAME", 0),
         "observationDomainId": ("V_CONST", "odid"),
         "exportingProcessId": ("V_CONST", "epid"),

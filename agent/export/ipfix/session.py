@@ -75,14 +75,18 @@ class ExportSession:
         self.messages_since_templates = 0
 
     def template_messages(self, export_time: int) -> list[bytes]:
-        """All templates and options templates; does not advance the sequence number."""
+        """All templates and options templates; does not advance the sequence number.
+
+        Data templates share one set; each options template has a set of its own
+        (pmacct's nfacctd reads only the first options template of a set).
+        """
         data = [t.record() for t in self.templates if not t.is_options]
-        options = [t.record() for t in self.templates if t.is_options]
-        groups = [(sid, recs) for sid, recs in ((TEMPLATE_SET_ID, data), (OPTIONS_TEMPLATE_SET_ID, options))
-                  if recs]
+        groups = [(TEMPLATE_SET_ID, data)] if data else []
+        groups += [(OPTIONS_TEMPLATE_SET_ID, [t.record()]) for t in self.templates if t.is_options]
         self.messages_since_templates = 0
         return [p.message for p in pack_sets(groups, max_size=self.max_message_size, export_time=export_time,
-                                             sequence=self.sequence, domain=self.domain_id, data=False)]
+                                             sequence=self.sequence, domain=self.domain_id, data=False,
+                                             separate=frozenset((OPTIONS_TEMPLATE_SET_ID,)))]
 
     def withdrawal_message(self, export_time: int) -> bytes:
         """Withdraw all (data) templates (RFC 7011 8.1), before closing a TCP session; never over UDP.
