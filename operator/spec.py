@@ -52,7 +52,7 @@ class Exporter:
     generation: int
     node_selector: dict = field(default_factory=dict)
     collectors: tuple[dict, ...] = ()  # agent config shape (tls files as secret: references)
-    templates: tuple[tuple[int, tuple[str, ...]], ...] = ()
+    templates: tuple[tuple[int, tuple[str, ...], dict | None], ...] = ()  # (id, fields, select)
     host_names: tuple[str, ...] = ()
     host_exclude: tuple[str, ...] = ()
     pods: dict | None = None
@@ -152,16 +152,18 @@ def _collector(data: Any, path: str) -> dict:
     return out
 
 
-def _template(data: Any, path: str) -> tuple[int, tuple[str, ...]]:
+def _template(data: Any, path: str) -> tuple[int, tuple[str, ...], dict | None]:
+    """(id, fields, select); ``select`` (ipVersion, protocols) is checked by the agent's schema."""
     data = _mapping(data, path)
     for key in data:
-        if key not in ("id", "fields"):
-            raise SpecError(f"{path}.{key}: unknown key; accepted: id, fields")
+        if key not in ("id", "fields", "select"):
+            raise SpecError(f"{path}.{key}: unknown key; accepted: id, fields, select")
     template_id = _int(data.get("id"), f"{path}.id", 256, 65535)
     fields = _strings(data.get("fields"), f"{path}.fields")
     if not fields:
         raise SpecError(f"{path}.fields: empty; a template needs at least one information element")
-    return template_id, fields
+    select = data.get("select")
+    return template_id, fields, (_mapping(select, f"{path}.select") if select is not None else None)
 
 
 def parse_exporter(body: dict) -> Exporter:
@@ -178,7 +180,7 @@ def parse_exporter(body: dict) -> Exporter:
     if not templates:
         raise SpecError("spec.templates: empty; give at least one template (id, fields)")
     seen: dict[int, int] = {}
-    for i, (template_id, _fields) in enumerate(templates):
+    for i, (template_id, *_rest) in enumerate(templates):
         if template_id in seen:
             raise SpecError(f"spec.templates[{i}].id: {template_id} is already used by spec.templates[{seen[template_id]}]"
                             "; accepted: unique ids 256..65535")
@@ -226,7 +228,8 @@ def contribution(exporter: Exporter, node: str) -> dict:
     """This exporter's part of a node's agent config (agent YAML shape)."""
     doc: dict[str, Any] = {
         "collectors": [dict(c) for c in exporter.collectors],
-        "templates": [{"id": tid, "fields": list(fields)} for tid, fields in exporter.templates],
+        "templates": [{"id": tid, "fields": list(fields), **({"select": dict(select)} if select else {})}
+                      for tid, fields, select in exporter.templates],
         "interfaces": [],
         "timeouts": {"idle": exporter.idle, "active": exporter.active},
         "maxFlows": exporter.max_flows,

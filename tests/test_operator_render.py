@@ -231,7 +231,7 @@ def test_previous_valid_spec_is_rendered_while_the_current_is_invalid():
     bad["spec"]["templates"][0]["fields"] = ["noSuchElement"]
     bad["metadata"]["annotations"] = {LAST_VALID_ANNOTATION: json.dumps(good["spec"])}
     exporter, error, previous = exporter_or_previous(bad)
-    assert previous and exporter.templates == ((256, tuple(V4)),)
+    assert previous and exporter.templates == ((256, tuple(V4), None),)
     assert error.startswith("spec.templates[0].fields: unknown information element 'noSuchElement'")
     del bad["metadata"]["annotations"]
     assert exporter_or_previous(bad)[0] is None
@@ -266,3 +266,19 @@ def test_agent_warnings_are_listed_but_leave_the_node_ready():
     assert result["nodeErrors"] == [{"node": "n1", "reason": "AgentWarning", "message": f"node n1: {warning}"}]
     ready, degraded = result["conditions"]
     assert (ready["status"], degraded["status"], degraded["reason"]) == ("True", "True", "AgentWarning")
+
+
+def test_template_selections_render_and_follow_the_agents_rules():
+    tcp = {"id": 256, "fields": V4 + ["tcpControlBits"], "select": {"protocols": ["tcp"]}}
+    rest = {"id": 257, "fields": list(V4), "select": {"ipVersion": [4]}}
+    exporter = parse_exporter(body("a", templates=[tcp, rest]))
+    doc = yaml.safe_load(plan([exporter], {"n": {}}).nodes["n"].text)
+    assert [(t["id"], t.get("select")) for t in doc["templates"]] == [(256, {"protocols": ["tcp"]}),
+                                                                      (257, {"ipVersion": [4]})]
+    # first match wins: a template that an earlier one leaves nothing to is a mistake, named by its spec path
+    with pytest.raises(SpecError, match=r"^spec.templates\[1\] \(id 257\): takes no flow"):
+        parse_exporter(body("b", templates=[dict(rest, id=256), dict(tcp, id=257)]))
+    # the same template id selecting other flows in two FlowExporters conflicts
+    other = parse_exporter(body("c", "2026-01-02T00:00:00Z", templates=[dict(tcp, select={"protocols": ["udp"]})]))
+    result = plan([exporter, other], {"n": {}})
+    assert "template id 256 selects {'protocols': ['udp']}" in result.conflicts["c"]["n"]
