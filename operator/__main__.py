@@ -71,8 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="address the metrics endpoint listens on (default 0.0.0.0)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kipfix.operator",
+def main(argv: list[str] | None = None, prog: str = "python -m kipfix.operator") -> int:
+    parser = argparse.ArgumentParser(prog=prog,
                                      description="FlowExporter operator: renders per-node agent ConfigMaps")
     add_arguments(parser)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

@@ -190,7 +190,7 @@ def cmd_operator(args) -> int:
     """``kipfix operator ARGS`` is ``python -m kipfix.operator ARGS``: the operator's own entry point."""
     from kipfix.operator.__main__ import main as operator_main
 
-    return operator_main([*args.operator_args, f"--log-level={args.log_level}"])
+    return operator_main([f"--log-level={args.log_level}", *args.operator_args], prog="kipfix operator")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "so a restarted agent continues without a gap")
     agent.set_defaults(func=cmd_agent)
 
-    operator = sub.add_parser("operator", add_help=False,
+    # Everything after "operator" is the operator's (its --help too): no prefix character is ours here.
+    operator = sub.add_parser("operator", add_help=False, prefix_chars="\0",
                               help="run the Kubernetes operator (FlowExporter -> node ConfigMaps); "
                                    "kipfix operator --help lists its options")
     operator.add_argument("operator_args", nargs=argparse.REMAINDER)
