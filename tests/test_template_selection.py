@@ -137,3 +137,10 @@ def test_the_rule_is_the_same_for_the_config_check():
                                            ("47", 47)])
 def test_protocol_names_and_numbers(value, number):
     assert protocol_number(value) == number
+
+
+def test_a_counterpart_never_repeats_an_element():
+    # an IPv6 template that also names icmpTypeCodeIPv4: its IPv4 counterpart has it once
+    (v6, v4) = plan_templates([TemplateConfig(800, ("destinationIPv6Address", "icmpTypeCodeIPv4", "icmpTypeCodeIPv6"))])
+    assert (v6.family, v4.family) == (6, 4)
+    assert v4.names == ("destinationIPv4Address", "icmpTypeCodeIPv4")

@@ -101,8 +101,10 @@ def _without(names: Sequence[str], dropped: frozenset) -> tuple[str, ...]:
 
 
 def _swap(names: Sequence[str], family: int) -> tuple[str, ...]:
+    """The other family's elements in place of this family's; an element the template already names
+    (icmpTypeCodeIPv4 in an IPv6 template) is not repeated."""
     mapping = fields.V4_TO_V6 if family == 4 else fields.V6_TO_V4
-    return tuple(mapping.get(n, n) for n in names)
+    return tuple(dict.fromkeys(mapping.get(n, n) for n in names))
 
 
 def plan_templates(configs: Sequence) -> list[TemplatePlan]:
