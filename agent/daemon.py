@@ -5,8 +5,15 @@ flow cache, expire what ended and hand the records to the sinks. Signals
 only set flags; the loop acts on them between cycles, so a reload or a
 shutdown never races a drain.
 
-- SIGHUP reloads the file and applies only the difference; a bad file is
-  reported and the running configuration stays.
+- SIGHUP reloads the file and applies only the difference. Nothing that goes
+  wrong in a reload -- reading, parsing, checking against the host
+  (config.resolve), building the new exporters, attaching -- stops the
+  agent: it is logged with the file and key, counted in
+  ``kipfix_agent_reload_failures_total``, and the running configuration
+  keeps metering and exporting. New parts are built before old ones are
+  torn down, so a failure half-way leaves the running configuration whole.
+- At start, every configuration mistake is found before the BPF program is
+  loaded or anything is pinned (exit code 2).
 - SIGTERM/SIGINT drains once more, ends every cached flow (forced end),
   exports, and detaches (unless --keep-attached: then the filters and pinned
   tables stay, and a restarted agent picks up what was counted meanwhile).
@@ -21,7 +28,8 @@ import time
 from dataclasses import replace
 from typing import Sequence
 
-from .config import AgentConfig, ConfigError, load_config
+from .config import AgentConfig, ConfigError, changed_keys, check_reload, load_config
+from .config.resolve import resolve_config
 from .flows.record import EndReason, FlowRecord
 from .flows.cache import FlowCache, wall_offset_ns
 from .flows.gcpause import gc_paused
@@ -54,18 +62,31 @@ class FanoutSink:
 
 
 def build_sink(config: AgentConfig, pod_index=None) -> FanoutSink:
-    """The configured sinks; ``pod_index`` (podmeta.PodIndex) fills the IPFIX pod elements."""
+    """The configured sinks; ``pod_index`` (podmeta.PodIndex) fills the IPFIX pod elements.
+
+    ConfigError names the output that cannot be opened; nothing stays open then.
+    """
     sinks: list[FlowSink] = []
-    if config.json_lines:
-        from .export.jsonlines import JsonLinesSink
-        sinks.append(JsonLinesSink(config.json_lines))
-    if config.collectors:
-        from .export.ipfix.exporter import IpfixExporter
-        from .metrics import metered_transport
-        # metered: per-collector send errors, templates sent and last send time for the metrics
-        sinks.append(IpfixExporter(config.collectors, config.templates, config.observation_domain_id,
-                                   enterprise_number=config.enterprise_number, pod_lookup=pod_index,
-                                   transport_factory=metered_transport))
+    try:
+        if config.json_lines:
+            from .export.jsonlines import JsonLinesSink
+            try:
+                sinks.append(JsonLinesSink(config.json_lines))
+            except OSError as err:
+                raise ConfigError(f"jsonLines: cannot open {config.json_lines!r}: {err.strerror}") from None
+        if config.collectors:
+            from .export.ipfix.exporter import IpfixExporter
+            from .metrics import metered_transport
+            try:
+                # metered: per-collector send errors, templates sent and last send time for the metrics
+                sinks.append(IpfixExporter(config.collectors, config.templates, config.observation_domain_id,
+                                           enterprise_number=config.enterprise_number, pod_lookup=pod_index,
+                                           transport_factory=metered_transport))
+            except (OSError, ValueError) as err:
+                raise ConfigError(f"collectors: cannot start exporting: {err}") from None
+    except BaseException:
+        FanoutSink(sinks).close()
+        raise
     if not sinks:
         log.warning("no collectors and no jsonLines output configured: flows are metered but not exported")
     return FanoutSink(sinks)
@@ -85,11 +106,16 @@ class Agent:
         self.pod_index = pod_index  # podmeta.PodIndex (Kubernetes): pod elements of IPFIX records
         self.config_path = config_path
         self.keep_attached = keep_attached
-        self.meter = Meter(config.max_flows, config.pin_path)
+        # The exporters first: one that cannot start (ConfigError) must leave nothing loaded or pinned.
+        self.sink = build_sink(config, self.pod_index)
+        try:
+            self.meter = Meter(config.max_flows, config.pin_path)
+        except BaseException:
+            self.sink.close()
+            raise
         self.netns_ids = NetnsIds(default_path(config.pin_path))
         self.cache = FlowCache(config.timeouts.idle, config.timeouts.active, config.max_flows,
                                describe=self._describe)
-        self.sink = build_sink(config, self.pod_index)
         self.attachments = AttachmentManager(self.meter, self.netns_ids)
         self.attachments.apply(self.desired_interfaces(config))
         self.ended_netns: set[int] = set()  # netns ids whose flows end at the next drain (a deleted pod's)
@@ -217,37 +243,62 @@ class Agent:
     # -- reload --------------------------------------------------------------------
 
     def reload(self) -> bool:
+        """Re-read the file and apply it; any failure is reported and the running configuration stays."""
         try:
-            new = load_config(self.config_path)
+            new = load_config(self.config_path, reloading=True)
             check_standalone(new, self.config_path)
+            try:
+                check_reload(self.config, new)
+            except ConfigError as err:
+                raise ConfigError(f"{self.config_path}: {err}") from None
+            resolve_config(new, self.config_path)
+            self.apply(new)
         except ConfigError as err:
-            log.error("reload failed, keeping the running configuration: %s", err)
-            if self.metrics is not None:
-                self.metrics.reload_failed()
+            self.reload_failed(str(err))
             return False
-        self.apply(new)
+        except Exception as err:  # noqa: BLE001 -- a reload must never take the agent down
+            log.exception("unexpected error while reloading %s", self.config_path)
+            self.reload_failed(f"{self.config_path}: {type(err).__name__}: {err}")
+            return False
         return True
 
+    def reload_failed(self, message: str) -> None:
+        log.error("reload failed, keeping the running configuration: %s", message)
+        if self.metrics is not None:
+            self.metrics.reload_failed()
+
     def apply(self, new: AgentConfig) -> None:
-        """Apply only what changed; counts in the kernel and the cache stay."""
+        """Apply only what changed; counts in the kernel and the cache stay.
+
+        The new exporters are built before anything changes and the old ones
+        closed only at the end, so an exception (ConfigError when an output
+        cannot be opened) leaves the running configuration in force.
+        """
         old = self.config
         for key in ("max_flows", "pin_path", "metrics"):
             if getattr(new, key) != getattr(old, key):
                 log.warning("%s changed (%s -> %s): takes effect when the agent restarts",
                             key, getattr(old, key), getattr(new, key))
                 new = replace(new, **{key: getattr(old, key)})
+        sink = build_sink(new, self.pod_index) if _export_settings(new) != _export_settings(old) else None
         if new.interfaces != old.interfaces:
-            self.attachments.apply(self.desired_interfaces(new))
+            try:
+                self.attachments.apply(self.desired_interfaces(new))
+            except BaseException:
+                if sink is not None:
+                    sink.close()
+                self.attachments.apply(self.desired_interfaces(old))
+                raise
         if new.timeouts != old.timeouts:
             self.cache.idle_ns = int(new.timeouts.idle * 1e9)
             self.cache.active_ns = int(new.timeouts.active * 1e9)
-        if _export_settings(new) != _export_settings(old):
-            sink = build_sink(new, self.pod_index)
-            self.sink.close()
-            self.sink = sink
+        if sink is not None:
+            self.sink, old_sink = sink, self.sink
+            old_sink.close()
+        changed = changed_keys(old, new)
         self.config = new
         self.generation += 1
-        log.info("configuration generation %d applied", self.generation)
+        log.info("configuration generation %d applied (changed: %s)", self.generation, ", ".join(changed) or "nothing")
 
 
 def check_standalone(config: AgentConfig, path: str | None) -> None:
@@ -260,10 +311,15 @@ def run_agent(config_path: str, keep_attached: bool = False) -> int:
     try:
         config = load_config(config_path)
         check_standalone(config, config_path)
+        resolve_config(config, config_path)
     except ConfigError as err:
         log.error("%s", err)
         return 2
-    agent = Agent(config, config_path, keep_attached=keep_attached)
+    try:
+        agent = Agent(config, config_path, keep_attached=keep_attached)
+    except ConfigError as err:  # an output that could not be opened after all
+        log.error("%s: %s", config_path, err)
+        return 2
     if config.metrics.enabled:
         from .metrics import start_agent_metrics
         start_agent_metrics(agent, config.metrics.address, config.metrics.port)

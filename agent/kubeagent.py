@@ -7,9 +7,14 @@
   agent *watches* it (list, then watch from that resourceVersion; relist on
   410 Gone), so a change applies within a second or two. The first valid
   config starts the metering Agent; later ones are applied with
-  ``Agent.apply`` (only the difference, as on SIGHUP). A bad config is
-  reported and the running one stays. A deleted ConfigMap means "nothing
-  selects this node": everything is detached and export stops.
+  ``Agent.apply`` (only the difference, as on SIGHUP). A config that does
+  not parse, does not resolve on this node (``config.resolve``: DNS, the
+  TLS files from the Secret, jsonLines, netns, bpffs) or fails to apply is
+  reported in the Lease (``configError``, naming the ConfigMap or Secret
+  key), counted in ``kipfix_agent_reload_failures_total``, and the running
+  one stays; ``configHash`` names the config the agent runs, reported once
+  it is applied. A deleted ConfigMap means "nothing selects this node":
+  everything is detached and export stops.
 - TLS files are written as ``secret:NAME/KEY`` in the rendered config; the
   agent reads those keys from the Secret NAME in its namespace and writes
   them under a private directory (``ca.crt`` is required; ``tls.crt`` and
@@ -33,6 +38,7 @@ namespaces list/watch in the cluster.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -41,15 +47,14 @@ import threading
 import time
 from typing import Any, Callable
 
-import yaml
-
-from .config import AgentConfig, ConfigError, parse_config
+from .config import AgentConfig, ConfigError, parse_config, parse_document
+from .config.resolve import resolve_config
 from .contract import (CONFIG_KEY, PIN_PATH_ENV, RENEW_SECONDS, REQUEST_TIMEOUT, config_hash, configmap_name,
                        default_namespace)
 from .daemon import Agent
 from .kube.client import load_kube_config
 from .kube.report import NodeReporter, now_micro
-from .kube.secrets import resolve_secret_files
+from .kube.secrets import resolve_secret_files, secret_file_labels
 
 log = logging.getLogger("kipfix.agent.kube")
 
@@ -80,7 +85,7 @@ class KubeAgent(Agent):
         self.dedup = VethDedup()
         self._pairs_generation = -1
         super().__init__(config, None, keep_attached=keep_attached, pod_index=PodIndex())
-        self.pending: AgentConfig | None = None
+        self.pending: tuple[AgentConfig, Callable[[str | None], None] | None] | None = None
         self.last_export: str | None = None
         self.applied_at = time.time()
 
@@ -146,20 +151,39 @@ class KubeAgent(Agent):
 
     # -- config -------------------------------------------------------------------
 
-    def offer(self, config: AgentConfig) -> None:
-        """Called from the watch thread: the run loop applies it between drains."""
-        self.pending = config
+    def offer(self, config: AgentConfig, applied: Callable[[str | None], None] | None = None) -> None:
+        """Called from the watch thread: the run loop applies it between drains, then calls
+        ``applied(None)``, or ``applied(message)`` when it could not (the running one stays)."""
+        self.pending = (config, applied)
         self.request_reload()
 
     def reload(self) -> bool:
-        config, self.pending = self.pending, None
-        if config is not None:
+        pending, self.pending = self.pending, None
+        ok = True
+        if pending is not None:
+            ok = self._apply_offered(*pending)
+        self.sync_pods()
+        return ok
+
+    def _apply_offered(self, config: AgentConfig, applied: Callable[[str | None], None] | None) -> bool:
+        running = self.config
+        try:
             if self.pod_metering is not None:
                 self.pod_metering.configure(config.pods)
-                self.pod_watch.want_cluster_pods(uses_pod_elements(config))
             self.apply(config)
-            self.applied_at = time.time()
-        self.sync_pods()
+        except Exception as err:  # noqa: BLE001 -- a config must never take the agent down
+            if self.pod_metering is not None:
+                self.pod_metering.configure(running.pods)
+            if not isinstance(err, ConfigError):
+                log.exception("unexpected error while applying a configuration")
+            if applied is not None:
+                applied(str(err) if isinstance(err, ConfigError) else f"{type(err).__name__}: {err}")
+            return False
+        if self.pod_watch is not None:
+            self.pod_watch.want_cluster_pods(uses_pod_elements(config))
+        self.applied_at = time.time()
+        if applied is not None:
+            applied(None)
         return True
 
     def cycle(self, final: bool = False):
@@ -218,7 +242,9 @@ class KubernetesMode:
         self._have_config = threading.Event()
         self._report_now = threading.Event()
         self._tls_dir = tempfile.mkdtemp(prefix="kipfix-tls-")
-        self._last_text: str | None = None
+        self._last_text: str | None = None  # the text of the config accepted last
+        self._error_shown = False  # the report names a config that was refused
+        self.first_digest: str | None = None
         self._agent_lock = threading.Lock()
         self.metrics_registry = metrics_registry  # None: prometheus_client's global registry
         self.serve_metrics = serve_metrics  # False: no metrics server (tests running several modes in one process)
@@ -247,42 +273,73 @@ class KubernetesMode:
                 self._config_error(f"ConfigMap {configmap_name(self.node)} has no key {CONFIG_KEY!r}")
                 return
         if text == self._last_text:
+            if self._error_shown:  # back to the config that runs: the refused one is history
+                self._error_shown = False
+                self.reporter.update(configError=None)
+                self._report_now.set()
             return
         if text is None:
             log.info("ConfigMap %s is gone: no FlowExporter selects node %s; detaching", configmap_name(self.node),
                      self.node)
             config, digest = empty_config(), None
         else:
+            digest = config_hash(text)
             try:
-                doc = yaml.safe_load(text)
-                doc = resolve_secret_files(doc, self._read_secret, self._tls_dir)
-                if isinstance(doc, dict) and os.environ.get(PIN_PATH_ENV):  # a node setting, not a spec one
-                    doc = {**doc, "pinPath": os.environ[PIN_PATH_ENV]}
-                config = parse_config(doc)
-            except (ConfigError, yaml.YAMLError) as err:
-                self._config_error(f"config {config_hash(text)} rejected, keeping the running one: {err}")
+                config = self.parse(text)
+            except ConfigError as err:
+                self._config_error(f"config {digest} rejected, keeping the running one: {err}")
                 return
             except Exception as err:  # noqa: BLE001 -- e.g. the Secret could not be read: retry on next event
-                self._config_error(f"config {config_hash(text)} not applied: {err}")
+                self._config_error(f"config {digest} not applied: {err}")
                 return
-            digest = config_hash(text)
         self._last_text = text
         with self._agent_lock:
             if self.agent is None:
                 self.first_config = config if text is not None else None
+                self.first_digest = digest
                 if text is not None:
                     self._have_config.set()
             else:
-                self.agent.offer(config)
+                self.agent.offer(config, functools.partial(self._applied, digest, text))
         log.info("node %s: config %s received", self.node, digest or "(none)")
-        self.reporter.update(configHash=digest, configError=None)
-        self._report_now.set()
+
+    def parse(self, text: str) -> AgentConfig:
+        """The ConfigMap's agent config, its Secrets written to files and checked against this node.
+
+        ConfigError names the ConfigMap key (or the Secret key) and what is wrong.
+        """
+        source = f"ConfigMap {self.namespace}/{configmap_name(self.node)} key {CONFIG_KEY}"
+        try:
+            doc = parse_document(text.encode(), "to stop kipfix on this node, delete the FlowExporters that "
+                                 "select it or change their nodeSelector")
+            doc = resolve_secret_files(doc, self._read_secret, self._tls_dir)
+            if isinstance(doc, dict) and os.environ.get(PIN_PATH_ENV):  # a node setting, not a spec one
+                doc = {**doc, "pinPath": os.environ[PIN_PATH_ENV]}
+            config = parse_config(doc)
+            resolve_config(config, file_labels=secret_file_labels(config, self._tls_dir))
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+        return config
+
+    def _applied(self, digest: str | None, text: str | None, error: str | None) -> None:
+        """The agent applied the config with hash ``digest`` (error None), or could not."""
+        if error is None:
+            log.info("node %s: config %s applied", self.node, digest or "(none)")
+            self._error_shown = False
+            self.reporter.update(configHash=digest, configError=None)
+            self._report_now.set()
+            return
+        with self._agent_lock:
+            if self._last_text == text:
+                self._last_text = None  # the next list or event offers it again
+        self._config_error(f"config {digest} not applied, keeping the running one: {error}")
 
     def _config_error(self, message: str) -> None:
         log.error("%s", message)
         metrics = getattr(self.agent, "metrics", None)
         if metrics is not None:
             metrics.reload_failed()
+        self._error_shown = True
         self.reporter.update(configError=message)
         self._report_now.set()
 
@@ -349,6 +406,30 @@ class KubernetesMode:
         if self.agent is not None:
             self.agent.request_stop()
 
+    def _start_agent(self) -> tuple[Any, AgentConfig, str | None] | None:
+        """Wait for the first valid config and start the agent on it: (agent, config, hash), None if stopping.
+
+        A config the agent cannot start with (ConfigError: an output that cannot
+        be opened) is reported like any refused config, and the next one is awaited.
+        """
+        while True:
+            self._have_config.wait()
+            if self.stopping.is_set():
+                return None
+            with self._agent_lock:
+                first, digest = self.first_config, self.first_digest
+                if first is None:
+                    self._have_config.clear()  # the ConfigMap went away before the agent started
+                    continue
+            try:
+                return self.agent_factory(first, self.keep_attached), first, digest  # compiles and loads BPF
+            except ConfigError as err:
+                with self._agent_lock:
+                    if self.first_config is first:
+                        self.first_config, self._last_text = None, None
+                        self._have_config.clear()
+                self._config_error(f"config {digest} not applied: {err}")
+
     def run(self) -> int:
         threads = [threading.Thread(target=self.watch_config, name="kube config watch", daemon=True),
                    threading.Thread(target=self.report_loop, name="kube report", daemon=True)]
@@ -356,25 +437,21 @@ class KubernetesMode:
             thread.start()
         log.info("kipfix agent for node %s: watching ConfigMap %s/%s", self.node, self.namespace,
                  configmap_name(self.node))
-        while True:
-            self._have_config.wait()
-            if self.stopping.is_set():
-                return 0
-            with self._agent_lock:
-                first = self.first_config
-                if first is not None:
-                    break
-                self._have_config.clear()  # the ConfigMap went away before the agent started
-        agent = self.agent_factory(first, self.keep_attached)  # compiles and loads BPF: takes a while
+        started = self._start_agent()
+        if started is None:
+            return 0
+        agent, first, digest = started
         if hasattr(agent, "start_pods"):
             agent.start_pods(self.api, self.node)
         if self.serve_metrics and first.metrics.enabled:  # as run_agent: the first config's settings hold
             from .metrics import start_agent_metrics
             start_agent_metrics(agent, first.metrics.address, first.metrics.port, self.metrics_registry)
+        self._applied(digest, None, None)
         with self._agent_lock:
             self.agent = agent
             if self.first_config is not first:  # changed meanwhile
-                agent.offer(self.first_config or empty_config())
+                agent.offer(self.first_config or empty_config(),
+                            functools.partial(self._applied, self.first_digest, self._last_text))
         self._report_now.set()
         if self.stopping.is_set():
             self.agent.request_stop()
@@ -391,6 +468,11 @@ def run_kubernetes_agent(keep_attached: bool = False, node: str | None = None,
     node = node or os.environ.get("NODE_NAME", "")
     if not node:
         log.error("--kubernetes needs the node name in NODE_NAME (downward API: fieldRef spec.nodeName)")
+        return 2
+    try:  # the node's own setting, before anything is watched or loaded
+        resolve_config(empty_config())
+    except ConfigError as err:
+        log.error("%s%s", f"{PIN_PATH_ENV}: " if os.environ.get(PIN_PATH_ENV) else "", err)
         return 2
     mode = KubernetesMode(node, namespace or default_namespace(), keep_attached=keep_attached)
     signal.signal(signal.SIGTERM, mode.request_stop)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from .config.errors import show, show_key
+
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 
 
@@ -16,31 +18,31 @@ def check_selector(selector: Any, path: str) -> dict:
     if selector is None:
         return {}
     if not isinstance(selector, dict):
-        raise ValueError(f"{path}: expected a label selector object, got {type(selector).__name__} {selector!r}")
+        raise ValueError(f"{path}: expected a label selector object, got {type(selector).__name__} {show(selector)}")
     for key in selector:
         if key not in ("matchLabels", "matchExpressions"):
-            raise ValueError(f"{path}.{key}: unknown key; accepted: matchLabels, matchExpressions")
+            raise ValueError(f"{path}.{show_key(key)}: unknown key; accepted: matchLabels, matchExpressions")
     labels = selector.get("matchLabels") or {}
     if not isinstance(labels, dict):
-        raise ValueError(f"{path}.matchLabels: expected an object of label: value, got {labels!r}")
+        raise ValueError(f"{path}.matchLabels: expected an object of label: value, got {show(labels)}")
     for key, value in labels.items():
         if not isinstance(value, str):
-            raise ValueError(f"{path}.matchLabels.{key}: {value!r} is not a string label value")
+            raise ValueError(f"{path}.matchLabels.{show_key(key)}: {show(value)} is not a string label value")
     expressions = selector.get("matchExpressions") or []
     if not isinstance(expressions, list):
-        raise ValueError(f"{path}.matchExpressions: expected a list, got {expressions!r}")
+        raise ValueError(f"{path}.matchExpressions: expected a list, got {show(expressions)}")
     for i, expr in enumerate(expressions):
         where = f"{path}.matchExpressions[{i}]"
         if not isinstance(expr, dict):
-            raise ValueError(f"{where}: expected an object with key, operator, values; got {expr!r}")
+            raise ValueError(f"{where}: expected an object with key, operator, values; got {show(expr)}")
         if not isinstance(expr.get("key"), str) or not expr["key"]:
-            raise ValueError(f"{where}.key: {expr.get('key')!r} is not a label key")
+            raise ValueError(f"{where}.key: {show(expr.get('key'))} is not a label key")
         if expr.get("operator") not in OPERATORS:
-            raise ValueError(f"{where}.operator: {expr.get('operator')!r} is not accepted; "
+            raise ValueError(f"{where}.operator: {show(expr.get('operator'))} is not accepted; "
                              f"accepted: {', '.join(OPERATORS)}")
         values = expr.get("values") or []
         if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-            raise ValueError(f"{where}.values: {values!r} is not a list of strings")
+            raise ValueError(f"{where}.values: {show(values)} is not a list of strings")
         if (expr["operator"] in ("In", "NotIn")) != bool(values):
             raise ValueError(f"{where}.values: required and non-empty for In/NotIn, forbidden for "
                              f"Exists/DoesNotExist (operator is {expr['operator']})")

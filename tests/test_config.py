@@ -56,8 +56,19 @@ def test_defaults_follow_the_issue():
     (lambda c: c["collectors"][0].update(address="no-port"), "collectors[0].address:"),
     (lambda c: c["collectors"][0].update(transport="sctp"),
      "collectors[0].transport: 'sctp' is not accepted; accepted: udp, tcp, tls"),
-    (lambda c: c["collectors"][0].update(transport="tls", tls={"ca": "/nonexistent/ca.pem"}),
-     "collectors[0].tls.ca: file '/nonexistent/ca.pem' does not exist"),
+    (lambda c: c["collectors"][0].update(transport="tls"), "collectors[0].tls.ca: required for transport tls"),
+    (lambda c: c["collectors"][0].update(transport="tls", tls={"ca": "/ca.pem", "cert": "/c.pem"}),
+     "collectors[0].tls: cert and key go together"),
+    (lambda c: c["collectors"][0].update(address="my collector:4739"),
+     "collectors[0].address: collector address 'my collector:4739' has characters no host name has; accepted: "
+     "host:port, IPv4:port or [IPv6]:port"),
+    (lambda c: c["interfaces"][0].update(netns="a/b"),
+     "interfaces[0].netns: 'a/b' is not accepted; accepted: \"\" or host (the host's netns), a name from `ip netns` "
+     "(no '/'), or an absolute path such as /proc/PID/ns/net"),
+    (lambda c: c.update(pinPath="kipfix"), "pinPath: 'kipfix' is not accepted; accepted: an absolute path on a bpf "
+     "filesystem such as /sys/fs/bpf/kipfix"),
+    (lambda c: c.update(pinPath='/sys/fs/bpf/a"b'), "pinPath: '/sys/fs/bpf/a\"b' is not accepted"),
+    (lambda c: c.update(jsonLines=""), "jsonLines: empty; accepted: a file path, or - for stdout"),
     (lambda c: c["collectors"][0].update(maxMessageSize=60),
      "collectors[0].maxMessageSize: 60 is out of range; accepted: 64..65535"),
     # both families named: sent as an IPv4 part (42 octets) and an IPv6 part without the IPv4 addresses:
@@ -104,3 +115,42 @@ def test_invalid_yaml_names_the_file(tmp_path):
 def test_missing_file():
     with pytest.raises(ConfigError, match="cannot read config file '/nonexistent.yaml'"):
         load_config("/nonexistent.yaml")
+
+
+def test_link_local_collectors_keep_their_zone():
+    config = parse_config({"collectors": [{"address": "[fe80::1%eth0]:4739"}],
+                           "templates": [{"id": 256, "template": ["octetDeltaCount"]}]})
+    assert (config.collectors[0].host, config.collectors[0].port) == ("fe80::1%eth0", 4739)
+
+
+def test_parsing_never_resolves_or_reads_files():
+    # names that do not resolve and files that do not exist are the resolve step's business (test_config_resolve)
+    config = parse_config({"collectors": [{"address": "collector.invalid:4739", "transport": "tls",
+                                           "tls": {"ca": "/nonexistent/ca.pem"}}],
+                           "templates": [{"id": 256, "template": ["octetDeltaCount"]}],
+                           "interfaces": [{"netns": "/nonexistent/ns", "names": ["eth0"]}],
+                           "jsonLines": "/nonexistent/flows.jsonl", "pinPath": "/nonexistent/pins"})
+    assert config.collectors[0].tls.ca_file == "/nonexistent/ca.pem"
+
+
+HUGE = "x" * 1_000_000
+
+
+@pytest.mark.parametrize("config", [
+    {HUGE: 1},
+    {"maxFlows": HUGE},
+    {"maxFlows": [HUGE] * 1000},
+    {"timeouts": [[[[HUGE]]]]},
+    {"collectors": [{"address": HUGE}]},
+    {"templates": [{"id": 256, "template": [HUGE]}]},
+    {"interfaces": [{"names": [HUGE]}]},
+    {"interfaces": [{"netns": HUGE, "names": ["eth0"]}]},
+    {"pods": [{"podSelector": {"matchLabels": {"app": [HUGE]}}}]},
+    {"pinPath": HUGE},
+    {"metrics": {"address": HUGE}},
+])
+def test_a_message_never_prints_a_huge_value(config):
+    with pytest.raises(ConfigError) as err:
+        parse_config(config)
+    assert len(str(err.value)) < 500, str(err.value)[:1000]
+    assert "xxxxxxxxxx" in str(err.value) or "[[[[...]]]]" in str(err.value)

@@ -37,8 +37,8 @@ LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
 # The one cycle left: the Python packer hands over to the C one, which reads the pod constants back.
 # The element table (one declarative source for both encoders) takes it away; then this list is empty.
 KNOWN_CYCLES = [["kipfix.agent.export.ipfix.fields", "kipfix.agent.export.ipfix.flowpack"]]
-OPERATOR_MAY_IMPORT = ("kipfix.agent.contract", "kipfix.agent.config", "kipfix.agent.labelselector",
-                       "kipfix.agent.export.address", "kipfix.agent.kube.client")
+OPERATOR_MAY_IMPORT = ("kipfix.agent.contract", "kipfix.agent.config", "kipfix.agent.config.rules",
+                       "kipfix.agent.labelselector", "kipfix.agent.export.address", "kipfix.agent.kube.client")
 
 
 def modules() -> dict[str, Path]:

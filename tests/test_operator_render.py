@@ -50,7 +50,7 @@ def test_the_example_renders_a_config_the_agent_accepts():
      "spec.templates[0].fields: information element 'sourceIPv4Address' appears twice"),
     (lambda s: s["templates"].append({"id": 256, "fields": ["octetDeltaCount"]}),
      "spec.templates[1].id: 256 is already used by spec.templates[0]"),
-    (lambda s: s["templates"][0].update(id=255), "spec.templates[0].id: 255 is not accepted; accepted: an integer 256..65535"),
+    (lambda s: s["templates"][0].update(id=255), "spec.templates[0].id: 255 is out of range; accepted: 256..65535"),
     (lambda s: s["collectors"][0].update(address="127.0.0.1"),
      "spec.collectors[0].address: collector address '127.0.0.1' does not parse (no port)"),
     (lambda s: s["collectors"][0].update(address="fe80::1:4739"),

@@ -341,8 +341,10 @@ class RecordingAgent:
         self._stop = threading.Event()
         RecordingAgent.instances.append(self)
 
-    def offer(self, config):
+    def offer(self, config, applied=None):
         self.configs.append((time.monotonic(), config))
+        if applied is not None:
+            applied(None)
 
     def state(self):
         config = self.configs[-1][1]
@@ -460,6 +462,133 @@ def test_real_agent_in_kubernetes_mode_attaches_reports_and_detaches(env, cluste
         print(log_path.read_text()[-5000:] if log_path.exists() else "")
 
 
+def _configmap_body(node: str, text: str | None = None, binary: bytes | None = None) -> dict:
+    """The node's ConfigMap as a test writes it: without the operator's labels, so the operator leaves it alone."""
+    body = {"metadata": {"name": configmap_name(node), "namespace": NAMESPACE}, "data": {}}
+    if text is not None:
+        body["data"] = {CONFIG_KEY: text}
+    if binary is not None:
+        import base64
+
+        body["binaryData"] = {CONFIG_KEY: base64.b64encode(binary).decode()}
+    return body
+
+
+def _agent_metric(port: int, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as rsp:
+        text = rsp.read().decode()
+    return next(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_a_bad_configmap_never_takes_the_real_agent_down(env, cluster, tmp_path):
+    """`kipfix agent --kubernetes` with BPF, fed ConfigMaps a test writes: each bad one is refused in the Lease
+    report (configHash stays), counted, and the agent keeps metering and exporting exactly what ping sent."""
+    import uuid
+
+    from test_agent_reload import ANCHOR_BOMB, TEMPLATE, Collector, free_port
+
+    suffix = uuid.uuid4().hex[:6]
+    a, b = f"kxcma-{suffix}", f"kxcmb-{suffix}"  # two namespaces of the test's, a veth between them
+    node, pin_path = f"op-cm-{suffix}", f"/sys/fs/bpf/kipfix-test-{suffix}"
+    collector = Collector(tmp_path / "collected.jsonl")
+    metrics_port = free_port(socket.SOCK_STREAM)
+    good = (f"collectors:\n  - address: 127.0.0.1:{collector.port}\n"
+            f"templates:\n  - id: 256\n    template: [{', '.join(TEMPLATE)}]\n"
+            f"interfaces:\n  - netns: {a}\n    names: [va]\n"
+            f"timeouts: {{idle: 1, active: 2}}\ndrainInterval: 0.2\n"
+            f"metrics: {{address: 127.0.0.1, port: {metrics_port}}}\n")
+    not_pem = tmp_path / "ca.crt"
+    not_pem.write_text("test CA bytes\n")
+    bad = {  # ConfigMap -> what the configError says
+        "NUL in the text": (_configmap_body(node, good + "# \0\n"), "not a text file: a NUL octet at line 12, column 3"),
+        "Latin-1 octets (binaryData)": (_configmap_body(node, binary="# Zürich\n".encode("latin-1")),
+                                        f"ConfigMap {configmap_name(node)} has no key 'config.yaml'"),
+        "netns a/b": (_configmap_body(node, good.replace(f"netns: {a}", "netns: a/b")),
+                      "interfaces[0].netns: 'a/b' is not accepted"),
+        "jsonLines in a missing directory": (_configmap_body(node, good + "jsonLines: /nonexistent-kipfix/f.jsonl\n"),
+                                             "jsonLines: '/nonexistent-kipfix/f.jsonl': directory "
+                                             "'/nonexistent-kipfix' does not exist"),
+        "TLS ca that is not PEM": (_configmap_body(node, good.replace(
+            "templates:", f"  - address: 127.0.0.1:{free_port()}\n    transport: tls\n    tls: {{ca: {not_pem}}}\n"
+                          "templates:")), "collectors[1].tls.ca: file"),
+        "empty": (_configmap_body(node, ""), "the document is empty (no YAML content, only blanks or comments); to "
+                                             "stop kipfix on this node, delete the FlowExporters that select it"),
+        "cut short": (_configmap_body(node, good[:good.index("va]") + 2]),
+                      "invalid YAML at line 9, column 1: did not find expected ',' or ']'"),
+        "anchor bomb": (_configmap_body(node, ANCHOR_BOMB.decode()), "more than 100000 values"),
+        "duplicate keys": (_configmap_body(node, good + "maxFlows: 1024\nmaxFlows: 2048\n"),
+                           "maxFlows: key given twice (lines 12 and 13)"),
+    }
+    proc = None
+    log_path = tmp_path / "agent.log"
+    try:
+        subprocess.run(["ip", "netns", "add", a], check=True)
+        subprocess.run(["ip", "netns", "add", b], check=True)
+        subprocess.run(["ip", "-n", a, "link", "add", "va", "type", "veth", "peer", "name", "vb", "netns", b],
+                       check=True)
+        for ns, ifname, address in ((a, "va", "10.250.0.1/30"), (b, "vb", "10.250.0.2/30")):
+            subprocess.run(["ip", "-n", ns, "addr", "add", address, "dev", ifname], check=True)
+            subprocess.run(["ip", "-n", ns, "link", "set", ifname, "up"], check=True)
+        env.core.create_namespaced_config_map(NAMESPACE, _configmap_body(node, good))
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(
+                [str(Path(sys.executable).with_name("kipfix")), "--log-level", "debug", "agent", "--kubernetes"],
+                env={**os.environ, "KUBECONFIG": str(env.agent_kubeconfig), "NODE_NAME": node,
+                     "POD_NAMESPACE": NAMESPACE, "KIPFIX_PIN_PATH": pin_path}, stdout=log, stderr=subprocess.STDOUT)
+        report = wait_for(lambda: (lambda r: r if "va" in " ".join(r["interfaces"]) else None)(_report(env, node)),
+                          "the agent attached and reported va", timeout=120)
+        assert report["configHash"] == config_hash(good) and report["configError"] is None
+
+        def exports_pings(count=5):
+            start_ms = int(time.time() * 1000)
+            out = subprocess.run(["ip", "netns", "exec", b, "ping", "-c", str(count), "-i", "0.05", "-q",
+                                  "10.250.0.1"], capture_output=True, text=True).stdout
+            assert f"{count} packets transmitted, {count} received" in out, out
+
+            def echo_requests():
+                return sum(r["packetDeltaCount"] for r in collector.records()
+                           if r.get("icmpTypeCodeIPv4") == 8 << 8 and r["flowDirection"] == 0
+                           and r["sourceIPv4Address"] == "10.250.0.2" and r["flowStartMilliseconds"] >= start_ms)
+            wait_for(lambda: echo_requests() >= count, f"{count} echo requests at the collector")
+            time.sleep(0.5)
+            assert echo_requests() == count
+
+        exports_pings()
+        for name, (body, reason) in bad.items():
+            failures = _agent_metric(metrics_port, "kipfix_agent_reload_failures_total")
+            env.core.replace_namespaced_config_map(configmap_name(node), NAMESPACE, body)
+            report = wait_for(lambda: (lambda r: r if reason in (r["configError"] or "") else None)(_report(env, node)),
+                              f"the configError for {name}: {reason}")
+            assert report["configHash"] == config_hash(good), name
+            assert len(report["configError"]) < 1000
+            wait_for(lambda: _agent_metric(metrics_port, "kipfix_agent_reload_failures_total") > failures,
+                     f"{name} counted in reload_failures_total")
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            exports_pings()
+        env.core.replace_namespaced_config_map(configmap_name(node), NAMESPACE, _configmap_body(node, good))
+        wait_for(lambda: _report(env, node)["configError"] is None, "back to the running config: no error")
+        assert "Traceback" not in log_path.read_text()
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0, log_path.read_text()[-3000:]
+    finally:
+        if proc and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        collector.stop()
+        for ns in (a, b):
+            subprocess.run(["ip", "netns", "del", ns], check=False)
+        subprocess.run(["rm", "-rf", pin_path], check=False)
+        with contextlib.suppress(ApiException):
+            env.core.delete_namespaced_config_map(configmap_name(node), NAMESPACE)
+        with contextlib.suppress(ApiException):
+            client.CoordinationV1Api(env.api).delete_namespaced_lease(f"kipfix-agent-{node}", NAMESPACE)
+        print(log_path.read_text()[-5000:] if log_path.exists() else "")
+
+
 def test_two_peered_operators_one_pauses(env, cluster, tmp_path):
     """kopf peering with random priorities: of two replicas exactly one handles events."""
     cluster.nodes.add("op-peering", {TEST_LABEL: "peering"})
@@ -506,16 +635,28 @@ def test_two_peered_operators_one_pauses(env, cluster, tmp_path):
         cluster.nodes.remove("op-peering")
 
 
-def test_agent_reads_tls_files_from_the_secret(env, cluster):
+def _test_ca(directory: Path) -> bytes:
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-days", "2", "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=kipfix e2e collector CA"],
+                   cwd=directory, check=True, capture_output=True)
+    return (directory / "ca.pem").read_bytes()
+
+
+def _secret(name: str, data: dict[str, bytes]) -> dict:
     import base64
 
+    return {"metadata": {"name": name}, "type": "Opaque",
+            "data": {key: base64.b64encode(value).decode() for key, value in data.items()}}
+
+
+def test_agent_reads_tls_files_from_the_secret(env, cluster, tmp_path):
     from controlplane import api_client
 
     node = "op-tls"
     cluster.nodes.add(node, {TEST_LABEL: "tls"})
-    env.core.create_namespaced_secret(NAMESPACE, {
-        "metadata": {"name": "collector-tls"}, "type": "Opaque",
-        "data": {"ca.crt": base64.b64encode(b"test CA bytes\n").decode()}})
+    ca = _test_ca(tmp_path)
+    env.core.create_namespaced_secret(NAMESPACE, _secret("collector-tls", {"ca.crt": ca}))
+    env.core.create_namespaced_secret(NAMESPACE, _secret("collector-tls-not-pem", {"ca.crt": b"test CA bytes\n"}))
     agent_api = api_client(env.agent_kubeconfig)
     RecordingAgent.instances.clear()
     mode = KubernetesMode(node, NAMESPACE, api=agent_api, agent_factory=RecordingAgent, serve_metrics=False)
@@ -527,21 +668,38 @@ def test_agent_reads_tls_files_from_the_secret(env, cluster):
             "tls": {"secretName": "collector-tls", "serverName": "collector.test"}}]))
         agent = wait_for(lambda: RecordingAgent.instances and RecordingAgent.instances[0], "the agent started")
         tls = agent.configs[0][1].collectors[0].tls
-        assert Path(tls.ca_file).read_bytes() == b"test CA bytes\n"
+        assert Path(tls.ca_file).read_bytes() == ca
         assert (tls.cert_file, tls.key_file, tls.server_name) == (None, None, "collector.test")
-        # a Secret that does not exist: the agent keeps its config and reports why
+        wait_for(lambda: (env.get("e2e-tls").get("status") or {}).get("nodesReady") == 1, "the node ready")
+        # a Secret that does not exist, then one whose ca.crt is not PEM: the agent keeps its config, says why,
+        # and the FlowExporter's status names the node and the reason
+        for secret, reason in (("no-such-secret", "Secret 'no-such-secret' not found"),
+                               ("collector-tls-not-pem", "collectors[0].tls.ca: Secret 'collector-tls-not-pem' key "
+                                                         "'ca.crt' is not a PEM CA certificate (ssl: [X509: "
+                                                         "NO_CERTIFICATE_OR_CRL_FOUND]")):
+            env.apply(flowexporter("e2e-tls", "tls", collectors=[{
+                "address": "127.0.0.1:4741", "transport": "tls", "tls": {"secretName": secret}}]))
+            report = wait_for(lambda: (lambda r: r if reason in (r["configError"] or "") else None)(_report(env, node)),
+                              f"the agent's configError naming {secret}")
+            assert f"ConfigMap {NAMESPACE}/{configmap_name(node)} key config.yaml: " in report["configError"]
+            assert len(agent.configs) == 1
+            errors = wait_for(lambda: [e for e in (env.get("e2e-tls").get("status") or {}).get("nodeErrors") or []
+                                       if e["reason"] == "AgentError" and reason in e["message"]],
+                              "AgentError in the FlowExporter status")
+            assert errors[0]["node"] == node and errors[0]["message"].startswith(f"node {node}: config ")
+            assert env.condition("e2e-tls")["status"] == "False"
+        # back to the good Secret: the error goes, the node is ready again
         env.apply(flowexporter("e2e-tls", "tls", collectors=[{
-            "address": "127.0.0.1:4741", "transport": "tls", "tls": {"secretName": "no-such-secret"}}]))
-        report = wait_for(lambda: (lambda r: r if r["configError"] else None)(_report(env, node)),
-                          "the agent's configError")
-        assert "Secret 'no-such-secret' not found" in report["configError"]
-        assert len(agent.configs) == 1
-        errors = wait_for(lambda: [e for e in (env.get("e2e-tls").get("status") or {}).get("nodeErrors") or []
-                                   if e["reason"] == "AgentError"], "AgentError in the FlowExporter status")
-        assert "no-such-secret" in errors[0]["message"]
+            "address": "127.0.0.1:4741", "transport": "tls",
+            "tls": {"secretName": "collector-tls", "serverName": "collector.test"}}]))
+        wait_for(lambda: _report(env, node)["configError"] is None, "the configError cleared")
+        wait_for(lambda: (env.get("e2e-tls").get("status") or {}).get("nodesReady") == 1, "the node ready again")
     finally:
         env.delete("e2e-tls")
         mode.request_stop()
         thread.join(timeout=10)
         agent_api.close()
         cluster.nodes.remove(node)
+        for secret in ("collector-tls", "collector-tls-not-pem"):
+            with contextlib.suppress(ApiException):
+                env.core.delete_namespaced_secret(secret, NAMESPACE)

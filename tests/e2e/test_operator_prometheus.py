@@ -192,9 +192,11 @@ class StandInAgent:
         self.generation = 1
         self._stop = threading.Event()
 
-    def offer(self, config):
+    def offer(self, config, applied=None):
         self.config = config
         self.generation += 1
+        if applied is not None:
+            applied(None)
 
     def state(self):
         return {"interfaces": [], "errors": [], "lastExportTime": None, "exportedFlows": 0}
