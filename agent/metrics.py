@@ -250,6 +250,9 @@ class AgentCollector(Collector):
              lambda f: self._per_transport(f, lambda t: t.last_success)),
             (_counter("ipfix_send_errors", "Failed connects and sends, per collector, operation and reason "
                       "(errno name, tls, timeout)", ("collector", "operation", "reason")), self._send_errors),
+            (_counter("ipfix_saturated_values", "Values sent as the largest a reduced-size element holds "
+                      "(a template field NAME:OCTETS) because they were larger, per template and element",
+                      ("template", "element")), self._saturated),
             (_gauge("ipfix_collector_connected", "1 while the TCP/TLS connection to a collector is up "
                     "(UDP collectors have no connection and no series)", ("collector",)),
              self._connected),
@@ -292,6 +295,12 @@ class AgentCollector(Collector):
     def _sessions(self) -> list:
         sinks = getattr(self.agent.sink, "sinks", [self.agent.sink])
         return [session for sink in sinks for session in getattr(sink, "sessions", ())]
+
+    def _saturated(self, family: CounterMetricFamily) -> None:
+        for sink in getattr(self.agent.sink, "sinks", [self.agent.sink]):
+            if hasattr(sink, "saturated_values"):
+                for (template_id, element), count in sorted(sink.saturated_values().items()):
+                    family.add_metric([str(template_id), element], count)
 
     def _per_session(self, family: Metric, value) -> None:
         for session in self._sessions():

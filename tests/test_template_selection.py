@@ -140,7 +140,8 @@ def test_protocol_names_and_numbers(value, number):
 
 
 def test_a_counterpart_never_repeats_an_element():
-    # an IPv6 template that also names icmpTypeCodeIPv4: its IPv4 counterpart has it once
-    (v6, v4) = plan_templates([TemplateConfig(800, ("destinationIPv6Address", "icmpTypeCodeIPv4", "icmpTypeCodeIPv6"))])
+    # an IPv6 template that also names icmpTypeCodeIPv4: its IPv4 counterpart names each element once
+    (v6, v4) = plan_templates([TemplateConfig(800, ("destinationIPv6Address", "icmpTypeCodeIPv4", "icmpTypeCodeIPv6",
+                                                    "tcpControlBits:1"))])
     assert (v6.family, v4.family) == (6, 4)
-    assert v4.names == ("destinationIPv4Address", "icmpTypeCodeIPv4")
+    assert v4.names == ("destinationIPv4Address", "icmpTypeCodeIPv6", "icmpTypeCodeIPv4", "tcpControlBits:1")

@@ -196,6 +196,11 @@ def _template(data: Any, path: str) -> TemplateConfig:
     if ("template" in data) == ("fields" in data):
         raise ConfigError(f"{path}: give the element list as exactly one of 'template' or 'fields'")
     key = "template" if "template" in data else "fields"
+    for i, item in enumerate(data[key] if isinstance(data[key], list) else ()):
+        if isinstance(item, dict) and len(item) == 1:  # "- tcpControlBits: 1": YAML made a mapping of it
+            (name, size), = item.items()
+            raise ConfigError(f"{path}.{key}[{i}]: {show(item)} is a mapping; a reduced size is written in the "
+                              f"element's string without a space: {show(f'{name}:{size}')}")
     names = _strings(data[key], f"{path}.{key}", ELEMENT_NAME_MAX_LENGTH, "an information element name")
     if not names:
         raise ConfigError(f"{path}.{key}: empty; a template needs at least one information element")

@@ -237,6 +237,7 @@ def test_kubectl_explain_documents_every_field(env):
     (lambda s: s.update(timeouts={"idle": 100, "active": 10}), "idle must not be longer than active"),
     (lambda s: s.update(maxFlows=8), "spec.maxFlows"),
     (lambda s: s.update(interfaces={}), "give host, pods or both"),
+    (lambda s: s["templates"][0]["fields"].append("octetDeltaCount: 4"), "spec.templates[0].fields[6]"),
 ])
 def test_the_api_rejects_what_the_schema_and_cel_forbid(env, change, message):
     body = flowexporter("e2e-rejected", "none")
@@ -244,6 +245,15 @@ def test_the_api_rejects_what_the_schema_and_cel_forbid(env, change, message):
     result = env.apply(body, check=False)
     assert result.returncode != 0, "the API accepted an invalid FlowExporter"
     assert message in result.stderr, result.stderr
+
+
+def test_reduced_sizes_reach_the_node_config(env):
+    env.cluster.nodes.add("op-reduced", {TEST_LABEL: "reduced"})
+    fields = V4 + ["tcpControlBits:1", "ingressInterface:2"]
+    env.create(flowexporter("e2e-reduced", "reduced", templates=[{"id": 256, "fields": fields}]))
+    cm = wait_for(lambda: env.node_config("op-reduced"), "the ConfigMap of op-reduced")
+    assert parse_config(yaml.safe_load(cm.data[CONFIG_KEY])).templates[0].fields == tuple(fields)
+    env.delete("e2e-reduced")
 
 
 def test_render_relabel_conflict_invalid_and_delete(env):

@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .infomodel import DEFAULT_PEN, TYPES, VARLEN, InfoModel, InformationElement, default_model
+from .infomodel import DEFAULT_PEN, TYPES, VARLEN, InfoModel, InformationElement, default_model, reduced_lengths
 from .message import HEADER, OPTIONS_TEMPLATE_SET_ID, SET_HEADER, TEMPLATE_SET_ID, VERSION
 from .template import ENTERPRISE_BIT, from_ntp
 
@@ -204,11 +204,12 @@ def _parse_template_set(data: bytes, offset: int, end: int, set_id: int, store: 
                 raise MalformedMessage(f"template {template_id}: element {element_id} has length 0")
             element = store.element(element_id, length, pen)
             default = TYPES[element.type][0]
-            if length != VARLEN and default is not None and element.type not in (
-                    "unsigned16", "unsigned32", "unsigned64", "signed16", "signed32", "signed64",
-                    "float64") and length != default:
+            reduced = reduced_lengths(element.type)  # RFC 7011 6.2
+            if length != VARLEN and default is not None and length != default and length not in reduced:
+                sizes = f" (or {reduced[0]}..{reduced[-1]}, reduced)" if len(reduced) > 1 else \
+                    f" (or {reduced[0]}, reduced)" if reduced else ""
                 raise MalformedMessage(f"template {template_id}: {element.name} has length {length}; "
-                                       f"its type {element.type} needs {default}")
+                                       f"its type {element.type} needs {default}{sizes}")
             elements.append(element)
         template = DecodedTemplate(template_id, tuple(elements), scope_count)
         store.add(peer, domain, template)

@@ -347,6 +347,8 @@ class IpfixExporter:
             log.warning("no template selects IPv%d flows of %s: they are not exported (counted in "
                         "kipfix_agent_ipfix_unselected_flows_total)", version, what)
         self._fixed = [0 if ft.template.variable else ft.template.min_record_length for ft in self.flow_templates]
+        self._reduced = any(e.reduced for ft in self.flow_templates for e in ft.template.elements)
+        self._saturation_reported: set[tuple[int, str]] = set()
         self.chunk_size = chunk_size
         self.stats = MeteringStats()
         all_templates = [ft.template for ft in self.flow_templates] + self.options.templates
@@ -439,6 +441,28 @@ class IpfixExporter:
                           sum(r.octets for r in chosen))
             for session in self.sessions:
                 session.offer(batch)
+        if self._reduced:
+            self._report_saturation()
+
+    def saturated_values(self) -> dict[tuple[int, str], int]:
+        """Values sent as the largest a reduced size holds because they were larger (fields.py), per
+        (template id, element) of every template with a reduced size."""
+        counts: dict[tuple[int, str], int] = {}
+        for ft, packers in zip(self.flow_templates, self._packers):
+            for pack in packers.values():
+                for element, count in zip(ft.template.elements, pack.saturated):
+                    if element.reduced:
+                        key = (ft.template.id, element.name)
+                        counts[key] = counts.get(key, 0) + count
+        return counts
+
+    def _report_saturation(self) -> None:
+        """Log the first value of each reduced-size element that did not fit (then only the counter grows)."""
+        for (template_id, name), count in self.saturated_values().items():
+            if count and (template_id, name) not in self._saturation_reported:
+                self._saturation_reported.add((template_id, name))
+                log.warning("template %d: a value of %s did not fit its reduced size and was sent as the largest "
+                            "it holds; counted in kipfix_agent_ipfix_saturated_values_total", template_id, name)
 
     def counters(self) -> dict[str, ExportCounters]:
         """Per collector (transport://address): messages, records, octets sent; flows etc. not sent."""

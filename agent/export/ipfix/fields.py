@@ -1,272 +1,200 @@
-"""Which Information Elements kipfix fills, and how each comes from a FlowRecord.
+"""A template's fields: which elements it may name, at which size, and the packer that fills them.
 
-Every fillable element has a Python expression over ``r`` (the FlowRecord),
-``k`` (its key), values computed once per record (``BINDINGS``: times,
-routes, pods) and a few exporter constants (``odid``, ``epid``, ``init_ms``); template.py compiles a template's
-expressions into one packing function, so a batch is encoded without any
-per-field dispatch. Variable-length expressions produce bytes.
+A field is an element name from the element table (infomodel.py,
+agent/data/elements.csv) that has a value for flow records, optionally
+followed by a reduced size in octets (RFC 7011 6.2): ``tcpControlBits:1``
+sends the TCP flags in one octet (pmacct reads only that), ``octetDeltaCount:4``
+the octets in four. Only integer elements can be reduced, to fewer octets
+than their type's. A value too large for the reduced size is sent as the
+largest the size holds (all ones) and counted per element (the packer's
+``saturated``); RFC 7011 6.2 leaves the choice of a size that fits every
+value to whoever configures it, and saturation keeps the error bounded and
+visible, where dropping high octets would wrap a counter silently.
 
-Semantics worth knowing:
-- ingressInterface is the metered ifindex for ingress flows (0 for egress
-  flows); egressInterface the reverse. An ifindex is unique only within its
-  network namespace: observationPointId names the (netns, ifindex) pair, and
-  the observation point options records map it to names (options.py).
-- Transport ports are 0 for ICMP/ICMPv6; the type and code go in
-  icmpTypeCodeIPv4/IPv6 (type << 8 | code), as RFC 7012 defines them.
-- Elements of the other address family than the record's are 0.
-- forwardingStatus is 64 (forwarded, reason unknown) for egress flows and 0
-  (unknown) for ingress flows (RFC 7270).
-- flowStart/EndSysUpTime are milliseconds since systemInitTimeMilliseconds,
-  the boot time of the exporting host.
-- Prefix lengths and next hop come from the routing table of the record's
-  network namespace (routes.py).
-- Pod elements (sourcePodName, ..., destinationWorkloadKind) come from the
-  pod owning the source or destination address when the flow ended
-  (podmeta.PodIndex); empty strings when no pod owns it or no pod lookup was
-  given (standalone agent).
+Templates naming addresses of one family only get a counterpart for the
+other family (``counterpart``): every name with IPv4 in it becomes its IPv6
+twin (sourceIPv4Address -> sourceIPv6Address, icmpTypeCodeIPv4 ->
+icmpTypeCodeIPv6), in place.
 """
 
 from __future__ import annotations
 
-import re
-from typing import Sequence
+import dataclasses
+from typing import Callable, Mapping, Sequence
 
-from ...flows.record import FlowKey
-from .infomodel import InformationElement, default_model, lookup
+from . import flowpack, pypack
+from .infomodel import (INTEGER_TYPES, TYPES, Element, ElementTable, InformationElement, default_model, lookup,
+                        reduced_lengths, table)
+from .values import NOPOD, POD_ITEMS, pod_table
 
-Z4 = bytes(4)
-Z16 = bytes(16)
+__all__ = ["NOPOD", "POD_ELEMENTS", "POD_NAMES", "ROUTE_ELEMENTS", "canonical_name", "check_template_fields",
+           "compile_flow_packer", "counterpart", "elements", "fillable_names", "fixed_record_length", "lookup",
+           "parse_field", "pod_table", "template_family", "uses_routes"]
 
-# A pod value that is no tuple is the IP's recent owners (podmeta.Succession): asked for the flow's end.
-OWNER_WHEN_ENDED = " for {p} in ({p} if {p}.__class__ is tuple else {p}(r.end_ns),)"
-# Values several elements share, computed once per record when a template uses them.
-BINDINGS = {
-    "SM": "for SM in (r.start_ns // 1000000,)",
-    "EM": "for EM in (r.end_ns // 1000000,)",
-    "SD": "for SD in (divmod(r.start_ns, 1000000000),)",  # (seconds, nanoseconds)
-    "ED": "for ED in (divmod(r.end_ns, 1000000000),)",
-    "RS": "for RS in (rcache.get((r.netns, k.src)) or route(r.netns, k.src),)",  # (prefix length, next hop)
-    "RD": "for RD in (rcache.get((r.netns, k.dst)) or route(r.netns, k.dst),)",
-    # (name, namespace, node, workload name, workload kind) of the pod owning the address, encoded
-    "PS": "for PS in (pget(k.src, NOPOD),)" + OWNER_WHEN_ENDED.format(p="PS"),
-    "PD": "for PD in (pget(k.dst, NOPOD),)" + OWNER_WHEN_ENDED.format(p="PD"),
-}
-# The same through a lookup function, for a pod lookup without an ``encoded_by_address`` dict.
-CALL_BINDINGS = {"PS": "for PS in (pods(k.src),)" + OWNER_WHEN_ENDED.format(p="PS"),
-                 "PD": "for PD in (pods(k.dst),)" + OWNER_WHEN_ENDED.format(p="PD")}
-NOPOD = (b"", b"", b"", b"", b"")
-# dateTimeNanoseconds and dateTimeMicroseconds (NTP format, RFC 7011 6.1.9-10) from a (seconds,
-# nanoseconds) pair, inline: a function call per field costs more than the arithmetic.
-NTP = "(((({t}[0] + 2208988800) & 0xFFFFFFFF) << 32) | (({t}[1] << 32) // 1000000000))"
-NTP_US = ("(((({t}[0] + 2208988800) & 0xFFFFFFFF) << 32)"
-          " | ((({t}[1] - {t}[1] % 1000 << 32) // 1000000000) & 0xFFFFF800))")
 
-# Elements whose value depends on the record's address family: (IPv4 record, IPv6 record).
-# RS and RD are the (prefix length, next hop) routes of the source and destination.
-BY_FAMILY: dict[str, tuple[str, str]] = {
-    "sourceIPv4Address": ("k.src", "Z4"),
-    "destinationIPv4Address": ("k.dst", "Z4"),
-    "sourceIPv6Address": ("Z16", "k.src"),
-    "destinationIPv6Address": ("Z16", "k.dst"),
-    "sourceIPv4PrefixLength": ("RS[0]", "0"),
-    "destinationIPv4PrefixLength": ("RD[0]", "0"),
-    "sourceIPv6PrefixLength": ("0", "RS[0]"),
-    "destinationIPv6PrefixLength": ("0", "RD[0]"),
-    "ipNextHopIPv4Address": ("RD[1]", "Z4"),
-    "ipNextHopIPv6Address": ("Z16", "RD[1]"),
-}
-# name -> expression. Elements not listed here or in BY_FAMILY cannot be filled by kipfix.
-EXPRESSIONS: dict[str, str] = {
-    "flowStartMilliseconds": "SM",
-    "flowEndMilliseconds": "EM",
-    "flowStartSeconds": "SD[0]",
-    "flowEndSeconds": "ED[0]",
-    "flowStartMicroseconds": NTP_US.format(t="SD"),
-    "flowEndMicroseconds": NTP_US.format(t="ED"),
-    "flowStartNanoseconds": NTP.format(t="SD"),
-    "flowEndNanoseconds": NTP.format(t="ED"),
-    "flowStartSysUpTime": "(SM - init_ms) & 0xFFFFFFFF",
-    "flowEndSysUpTime": "(EM - init_ms) & 0xFFFFFFFF",
-    "systemInitTimeMilliseconds": "init_ms",
-    "octetDeltaCount": "r.octets",
-    "packetDeltaCount": "r.packets",
-    "ipVersion": "k.ip_version",
-    "ingressInterface": "(0 if k.direction else k.ifindex)",
-    "egressInterface": "(k.ifindex if k.direction else 0)",
-    "flowDirection": "k.direction",
-    "protocolIdentifier": "k.protocol",
-    "sourceTransportPort": "(0 if k.protocol == 1 or k.protocol == 58 else k.sport)",
-    "destinationTransportPort": "(0 if k.protocol == 1 or k.protocol == 58 else k.dport)",
-    "tcpControlBits": "r.tcp_flags",
-    "icmpTypeCodeIPv4": "(k.dport if k.protocol == 1 else 0)",
-    "icmpTypeCodeIPv6": "(k.dport if k.protocol == 58 else 0)",
-    "ipClassOfService": "r.tos",
-    "ipDiffServCodePoint": "r.tos >> 2",
-    "minimumTTL": "r.min_ttl",
-    "maximumTTL": "r.max_ttl",
-    "vlanId": "r.vlan_id",
-    "dot1qVlanId": "r.vlan_id",
-    "dot1qCustomerVlanId": "r.inner_vlan_id",
-    "flowEndReason": "r.end_reason",
-    "forwardingStatus": "(64 if k.direction else 0)",
-    "fragmentIdentification": "r.fragment_id",
-    "observationPointId": "r.observation_point_id",
-    "interfaceName": "r.interface_name.encode()",
-    "observationDomainId": "odid",
-    "exportingProcessId": "epid",
-    "networkNamespace": "r.netns.encode()",
-}
-POD_ELEMENTS = ("PodName", "PodNamespace", "NodeName", "WorkloadName", "WorkloadKind")  # order of PS/PD
-POD_NAMES = tuple(f"{side}{suffix}" for side in ("source", "destination") for suffix in POD_ELEMENTS)
-EXPRESSIONS.update({name: f"{'PS' if name.startswith('source') else 'PD'}[{i % len(POD_ELEMENTS)}]"
-                    for i, name in enumerate(POD_NAMES)})
-EXPRESSIONS.update({name: f"({v4} if k.ip_version == 4 else {v6})" for name, (v4, v6) in BY_FAMILY.items()})
-_FILLABLE = {name.casefold(): name for name in EXPRESSIONS}
+def _named(kind: str) -> tuple[str, ...]:
+    return tuple(row.name for row in table().fillable() if row.value.source.kind == kind)
 
-ROUTE_ELEMENTS = frozenset(n for n, (v4, v6) in BY_FAMILY.items() if "RS" in v4 + v6 or "RD" in v4 + v6)
 
-# IPv4 element -> IPv6 counterpart, for deriving the other family's template.
-V4_TO_V6 = {
-    "sourceIPv4Address": "sourceIPv6Address",
-    "destinationIPv4Address": "destinationIPv6Address",
-    "sourceIPv4PrefixLength": "sourceIPv6PrefixLength",
-    "destinationIPv4PrefixLength": "destinationIPv6PrefixLength",
-    "ipNextHopIPv4Address": "ipNextHopIPv6Address",
-    "icmpTypeCodeIPv4": "icmpTypeCodeIPv6",
-}
-V6_TO_V4 = {v6: v4 for v4, v6 in V4_TO_V6.items()}
-V4_ADDRESSES = frozenset(("sourceIPv4Address", "destinationIPv4Address", "ipNextHopIPv4Address"))
-V6_ADDRESSES = frozenset(("sourceIPv6Address", "destinationIPv6Address", "ipNextHopIPv6Address"))
+POD_NAMES = _named("pod")  # sourcePodName ... destinationWorkloadKind, in table order
+POD_ELEMENTS = tuple(name[len("source"):] for name in POD_NAMES[:len(POD_ITEMS)])  # PodName, ..., WorkloadKind
+ROUTE_ELEMENTS = frozenset(_named("route"))
+ADDRESS_TYPES = {"ipv4Address": 4, "ipv6Address": 6}
+EXAMPLE = "e.g. tcpControlBits:1 or octetDeltaCount:4"
+KIND_OF_TYPE = {"ipv4Address": "an address", "ipv6Address": "an address", "macAddress": "an address",
+                "dateTimeSeconds": "a timestamp", "dateTimeMilliseconds": "a timestamp",
+                "dateTimeMicroseconds": "a timestamp", "dateTimeNanoseconds": "a timestamp",
+                "string": "a string", "octetArray": "an octet array", "boolean": "a boolean",
+                "float32": "a floating-point number", "float64": "a floating-point number"}
 
 
 def fillable_names() -> list[str]:
-    return sorted(EXPRESSIONS)
+    return sorted(row.name for row in table().fillable())
 
 
-def canonical_name(name: str) -> str:
-    """The IANA spelling of a fillable element; ValueError if unknown or not fillable."""
-    element = lookup(name)  # ValueError names an unknown element
-    canonical = _FILLABLE.get(element.name.casefold())
-    if canonical is None:
+def parse_field(spec: str, rows: ElementTable | None = None) -> tuple[Element, int | None]:
+    """``NAME`` or ``NAME:OCTETS`` -> (its table row, the reduced size or None); ValueError naming it."""
+    rows = rows or table()
+    name, colon, size = str(spec).partition(":")
+    row = rows.row(name)  # ValueError names an unknown element
+    if row.value is None:
         raise ValueError(f"information element {name!r} is known but kipfix cannot fill it; "
-                         f"accepted: {', '.join(fillable_names())}")
-    return canonical
+                         f"accepted: {', '.join(sorted(r.name for r in rows.fillable()))}")
+    if not colon:
+        return row, None
+    if not size.strip().isdigit():
+        raise ValueError(f"information element {spec!r}: size {size!r} is not a number of octets; "
+                         f"accepted: NAME, or NAME:OCTETS for a reduced size ({EXAMPLE})")
+    length, full = int(size), TYPES[row.type][0]
+    if row.type not in INTEGER_TYPES:
+        kind = KIND_OF_TYPE.get(row.type, row.type)
+        raise ValueError(f"information element {spec!r}: {row.name} is {kind}"
+                         f"{'' if kind.endswith(row.type) else f' ({row.type})'} and cannot be sent in fewer "
+                         f"octets; accepted: a reduced size for integer elements only (RFC 7011 6.2), {EXAMPLE}")
+    allowed = reduced_lengths(row.type)
+    if not allowed:
+        raise ValueError(f"information element {spec!r}: {row.name} is an {row.type}, already a single octet; "
+                         f"accepted: {row.name} without a size")
+    if length not in allowed:
+        raise ValueError(f"information element {spec!r}: {row.name} ({row.type}) takes {full} octets, a reduced "
+                         f"size must be fewer; accepted: {allowed[0]}..{allowed[-1]}, {EXAMPLE}")
+    return row, length
 
 
-def check_template_fields(names: Sequence[str]) -> None:
-    """ValueError for an unknown, unfillable or duplicated element name."""
+def canonical_name(spec: str, rows: ElementTable | None = None) -> str:
+    """The IANA spelling of a fillable element (a size after it is checked and left out); ValueError if unknown,
+    not fillable or a bad size."""
+    return parse_field(spec, rows)[0].name
+
+
+def check_template_fields(specs: Sequence[str], rows: ElementTable | None = None) -> None:
+    """ValueError for an unknown, unfillable or duplicated element, or a size it cannot have.
+    ``rows``: the element table (default: kipfix's; extended with elements declared at run time)."""
     seen: dict[str, str] = {}
-    for name in names:
-        canonical = canonical_name(name)
+    for spec in specs:
+        canonical = canonical_name(spec, rows)
         if canonical in seen:
-            raise ValueError(f"information element {name!r} appears twice (first as {seen[canonical]!r}); "
+            raise ValueError(f"information element {spec!r} appears twice (first as {seen[canonical]!r}); "
                              "accepted: each element at most once per template")
-        seen[canonical] = name
+        seen[canonical] = spec
 
 
-def template_family(names: Sequence[str]) -> int | None:
+def template_family(specs: Sequence[str]) -> int | None:
     """4 or 6 if the template names addresses of only that family, else None."""
-    canonical = {canonical_name(n) for n in names}
-    has4, has6 = bool(canonical & V4_ADDRESSES), bool(canonical & V6_ADDRESSES)
-    if has4 and not has6:
-        return 4
-    if has6 and not has4:
-        return 6
-    return None
+    families = {ADDRESS_TYPES.get(parse_field(s)[0].type) for s in specs} - {None}
+    return families.pop() if len(families) == 1 else None
 
 
-def counterpart(names: Sequence[str]) -> tuple[str, ...] | None:
+def _twin(name: str) -> str:
+    """The other family's element (sourceIPv4Address -> sourceIPv6Address), or ``name`` if it has none."""
+    for this, other in (("IPv4", "IPv6"), ("IPv6", "IPv4")):
+        if this in name:
+            try:
+                return canonical_name(name.replace(this, other))
+            except ValueError:
+                return name
+    return name
+
+
+def counterpart(specs: Sequence[str]) -> tuple[str, ...] | None:
     """The same template for the other address family, or None if not single-family.
 
     Elements are replaced in place (sourceIPv4Address -> sourceIPv6Address, ...),
-    so collectors see the same field order.
+    so collectors see the same field order; a reduced size stays.
     """
-    family = template_family(names)
-    if family is None:
+    if template_family(specs) is None:
         return None
-    mapping = V4_TO_V6 if family == 4 else V6_TO_V4
-    return tuple(mapping.get(n, n) for n in (canonical_name(n) for n in names))
+    twins = []
+    for spec in specs:
+        row, size = parse_field(spec)
+        twins.append(_twin(row.name) + ("" if size is None else f":{size}"))
+    return tuple(twins)
 
 
-def elements(names: Sequence[str], enterprise_number: int) -> tuple[InformationElement, ...]:
-    model = default_model(enterprise_number)
-    return tuple(model.lookup(canonical_name(n)) for n in names)
+def elements(specs: Sequence[str], enterprise_number: int,
+             rows: ElementTable | None = None) -> tuple[InformationElement, ...]:
+    """The template's elements, kipfix's own under ``enterprise_number``, each at its (reduced) size."""
+    model = default_model(enterprise_number) if rows is None else rows.model(enterprise_number)
+    result = []
+    for spec in specs:
+        row, size = parse_field(spec, rows)
+        element = model.lookup(row.name)
+        result.append(element if size is None else dataclasses.replace(element, length=size))
+    return tuple(result)
 
 
-def _record_length(names: Sequence[str]) -> int:
+def _record_length(specs: Sequence[str]) -> int:
     # variable-length elements count at their shortest (one length octet)
-    return sum(1 if e.variable_length else e.length for e in elements(names, 1))
+    return sum(1 if e.variable_length else e.length for e in elements(specs, 1))
 
 
-def fixed_record_length(names: Sequence[str]) -> int:
+def fixed_record_length(specs: Sequence[str]) -> int:
     """Octets of one data record without its variable-length content.
 
     For a single-family template this is the larger of it and its derived
     counterpart, since both are sent.
     """
-    other = counterpart(names)
-    return max(_record_length(names), _record_length(other) if other else 0)
+    other = counterpart(specs)
+    return max(_record_length(specs), _record_length(other) if other else 0)
 
 
-def uses_routes(names: Sequence[str]) -> bool:
-    return any(canonical_name(n) in ROUTE_ELEMENTS for n in names)
-
-
-def flow_expression(name: str, family: int | None) -> str:
-    """The expression filling ``name`` for records of ``family`` (None: either)."""
-    if family is not None and name in BY_FAMILY:
-        return BY_FAMILY[name][0 if family == 4 else 1]
-    return EXPRESSIONS[name]
-
-
-def pod_table(pods) -> dict | None:
-    """The dict a packer reads pods from (a PodIndex's ``encoded_by_address``; an empty one for no pods),
-    or None when ``pods`` is a plain function the packer must call."""
-    return {} if pods is None else getattr(pods, "encoded_by_address", None)
+def uses_routes(specs: Sequence[str]) -> bool:
+    return any(canonical_name(s) in ROUTE_ELEMENTS for s in specs)
 
 
 def compile_flow_packer(template, *, observation_domain_id: int, exporting_process_id: int,
-                        system_init_ms: int, route=None, pods=None, family: int | None = None):
+                        system_init_ms: int, route=None, pods=None, family: int | None = None,
+                        lookups: Mapping[str, Callable] | None = None, rows: ElementTable | None = None):
     """``pack(records) -> [record bytes]`` for FlowRecords under ``template``.
 
-    ``family`` 4 or 6 compiles for records of that IP version only (no
-    per-record family tests). ``route(netns, address) -> (prefix_length,
-    next_hop_packed)`` is required when the template uses prefix-length or
-    next-hop elements; if it has a ``cache`` dict keyed (netns, address),
-    hits skip the call. ``pods(packed_address) -> (name, namespace, node,
-    workload name, workload kind)`` as bytes (empty bytes when unknown) fills
-    the pod elements; if it has an ``encoded_by_address`` dict (a
-    podmeta.PodIndex), the packer reads that directly and never calls it.
-    A value that is not a tuple (a podmeta.Succession) is called with the
-    record's ``end_ns`` and gives the tuple.
-    Without ``pods`` the pod elements are empty strings.
+    Each element is filled as its row of the element table says (``rows``,
+    default: kipfix's). ``family`` 4 or 6 compiles for records of that IP
+    version only (no per-record family tests). ``route(netns, address) ->
+    (prefix_length, next_hop_packed)`` is required when the template uses
+    prefix-length or next-hop elements; if it has a ``cache`` dict keyed
+    (netns, address), hits skip the call. ``pods(packed_address) -> (name,
+    namespace, node, workload name, workload kind)`` as bytes (empty bytes
+    when unknown) fills the pod elements; if it has an ``encoded_by_address``
+    dict (a podmeta.PodIndex), the packer reads that directly and never calls
+    it. A value that is not a tuple (a podmeta.Succession) is called with the
+    record's ``end_ns`` and gives the tuple. Without ``pods`` the pod
+    elements are empty strings. ``lookups`` give the functions of other
+    lookups (values.LOOKUPS) by name.
 
     The C encoder (flowpack.py) packs when it is built, the Python packer
-    compiled here otherwise; both give the same bytes.
+    (pypack.py) otherwise; both give the same bytes. The packer's
+    ``saturated`` counts, per element, values sent as the largest a reduced
+    size holds.
     """
-    from . import flowpack
-    from .template import compile_packer
-
-    names = [canonical_name(e.name) for e in template.elements]
-    if route is None and uses_routes(names):
+    rows = rows or table()
+    values = [rows.row(e.name).value for e in template.elements]
+    unfillable = [e.name for e, v in zip(template.elements, values) if v is None]
+    if unfillable:
+        raise ValueError(f"template {template.id}: kipfix cannot fill {', '.join(unfillable)}")
+    if route is None and any(v.source.kind == "route" for v in values):
         raise ValueError(f"template {template.id} needs routing lookups but no route resolver was given")
-    fast = flowpack.compile_packer(template, names, family=family, observation_domain_id=observation_domain_id,
-                                   exporting_process_id=exporting_process_id, system_init_ms=system_init_ms,
-                                   route=route, pods=pods)
-    if fast is not None:
-        return fast
-    expressions = [flow_expression(n, family) for n in names]
-    table = pod_table(pods)
-    bindings = BINDINGS if table is not None else {**BINDINGS, **CALL_BINDINGS}  # no dict: call pods()
-    bind = "for k in (r.key,)"
-    if issubclass(FlowKey, tuple):  # unpacking the key once is cheaper than an attribute load per field
-        expressions = [re.sub(r"\bk\.(\w+)", r"k_\1", e) for e in expressions]
-        bind += f" for ({', '.join('k_' + f for f in FlowKey._fields)}) in (k,)"
-        bindings = {s: re.sub(r"\bk\.(\w+)", r"k_\1", c) for s, c in bindings.items()}
-    for symbol, clause in bindings.items():
-        if any(re.search(rf"\b{symbol}\b", e) for e in expressions):
-            bind += " " + clause
-    env = {"Z4": Z4, "Z16": Z16, "odid": observation_domain_id, "epid": exporting_process_id,
-           "init_ms": system_init_ms, "route": route, "rcache": getattr(route, "cache", {}),
-           "pods": pods, "pget": (table if table is not None else {}).get, "NOPOD": NOPOD}
-    return compile_packer(template, expressions, env, bind=bind)
+    constants = {"observation_domain_id": observation_domain_id, "exporting_process_id": exporting_process_id,
+                 "system_init_ms": system_init_ms}
+    options = dict(family=family, constants=constants, route=route, pods=pods, lookups=lookups)
+    fast = flowpack.compile_packer(template, values, **options)
+    return fast if fast is not None else pypack.compile_packer(template, values, **options)

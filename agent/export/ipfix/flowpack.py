@@ -1,12 +1,13 @@
-"""The C data-record encoder (_flowpack.c): which step fills each element.
+"""The C data-record encoder (_flowpack.c): each element's value as a step.
 
-``compile_packer`` gives the same ``pack(records) -> [record bytes]`` as
-fields.compile_flow_packer's Python packer, 4 to 5 times as fast for wide
-templates (1.6 times for the minimal one), or None
-when the extension was not built or the template names an element it has no
-step for; the caller then uses the Python packer. STEPS mirrors
-fields.EXPRESSIONS; tests/test_flowpack.py checks that every fillable element
-has a step and that both encoders give the same bytes.
+``compile_packer`` gives the same ``pack(records) -> [record bytes]`` as the
+Python packer (pypack.py), 3 to 5 times as fast for wide templates, or None
+when the extension was not built or a value needs something the C encoder
+has no step for (a signed, float or boolean element, more guards or
+operations than a step holds); the caller then uses the Python packer.
+The C encoder knows no element: every step is made here from the element
+table's value (values.py), so a new element, or a new kind of lookup, needs
+no C.
 
 KIPFIX_ENCODER=python in the environment forces the Python packer (for
 comparisons and benchmarks).
@@ -16,10 +17,11 @@ from __future__ import annotations
 
 import os
 import struct
+from typing import Callable, Mapping
 
-from ...flows import record as flow
-from .fields import NOPOD, POD_ELEMENTS, POD_NAMES, pod_table
-from .infomodel import InformationElement
+from ...flows.record import FlowKey, FlowRecord
+from .infomodel import BYTES_TYPES, InformationElement
+from .values import BYTES, NOPOD, SIDES, Source, Value, pod_table
 
 try:
     from . import _flowpack
@@ -27,116 +29,99 @@ except ImportError:  # built by pip install (python3-dev and gcc); without it, t
     _flowpack = None
 
 AVAILABLE = _flowpack is not None
+INTEGER_TYPES = ("unsigned8", "unsigned16", "unsigned32", "unsigned64", "dateTimeSeconds", "dateTimeMilliseconds",
+                 "dateTimeMicroseconds", "dateTimeNanoseconds")
 
 
-def _steps() -> dict[str, tuple[str, int | str]]:
-    """name -> (opcode name, argument); an argument given as a name is an exporter constant."""
-    steps: dict[str, tuple[str, int | str]] = {
-        "flowStartMilliseconds": ("V_START_MS", 0),
-        "flowEndMilliseconds": ("V_END_MS", 0),
-        "flowStartSeconds": ("V_START_S", 0),
-        "flowEndSeconds": ("V_END_S", 0),
-        "flowStartMicroseconds": ("V_START_NTP_US", 0),
-        "flowEndMicroseconds": ("V_END_NTP_US", 0),
-        "flowStartNanoseconds": ("V_START_NTP", 0),
-        "flowEndNanoseconds": ("V_END_NTP", 0),
-        "flowStartSysUpTime": ("V_START_UPTIME", 0),
-        "flowEndSysUpTime": ("V_END_UPTIME", 0),
-        "systemInitTimeMilliseconds": ("V_CONST", "init_ms"),
-        "octetDeltaCount": ("V_OCTETS", 0),
-        "packetDeltaCount": ("V_PACKETS", 0),
-        "ipVersion": ("V_IP_VERSION", 0),
-        "ingressInterface": ("V_INGRESS", 0),
-        "egressInterface": ("V_EGRESS", 0),
-        "flowDirection": ("V_DIRECTION", 0),
-        "protocolIdentifier": ("V_PROTOCOL", 0),
-        "sourceTransportPort": ("V_SPORT", 0),
-        "destinationTransportPort": ("V_DPORT", 0),
-        "tcpControlBits": ("V_TCP_FLAGS", 0),
-        "icmpTypeCodeIPv4": ("V_ICMP4", 0),
-        "icmpTypeCodeIPv6": ("V_ICMP6", 0),
-        "ipClassOfService": ("V_TOS", 0),
-        "ipDiffServCodePoint": ("V_DSCP", 0),
-        "minimumTTL": ("V_MIN_TTL", 0),
-        "maximumTTL": ("V_MAX_TTL", 0),
-        "vlanId": ("V_VLAN", 0),
-        "dot1qVlanId": ("V_VLAN", 0),
-        "dot1qCustomerVlanId": ("V_INNER_VLAN", 0),
-        "flowEndReason": ("V_END_REASON", 0),
-        "forwardingStatus": ("V_FORWARDING", 0),
-        "fragmentIdentification": ("V_FRAGMENT", 0),
-        "observationPointId": ("V_OBS_POINT", 0),
-        "interfaceName": ("B_INTERFACE_NAME", 0),
-        "observationDomainId": ("V_CONST", "odid"),
-        "exportingProcessId": ("V_CONST", "epid"),
-        "networkNamespace": ("B_NETNS", 0),
-    }
-    for i, name in enumerate(POD_NAMES):
-        steps[name] = ("B_SRC_POD" if name.startswith("source") else "B_DST_POD", i % len(POD_ELEMENTS))
-    return steps
+class Program:
+    """The steps of one packer, and the record attributes and lookups they read."""
 
+    def __init__(self, constants: Mapping[str, int], route, pods, lookups: Mapping[str, Callable]):
+        self.constants = constants
+        self.route, self.pods, self.functions = route, pods, lookups
+        self.slots = ["key"]  # the C encoder reads the key from slot 0
+        self.lookups: list[tuple] = []
+        self._lookup_index: dict[tuple[str, str], int] = {}
 
-STEPS = _steps()
-# Elements of one address family: (opcode, the family they are filled for), zero for the other family.
-FAMILY_STEPS: dict[str, tuple[str, int]] = {
-    "sourceIPv4Address": ("B_SRC", 4),
-    "destinationIPv4Address": ("B_DST", 4),
-    "sourceIPv6Address": ("B_SRC", 6),
-    "destinationIPv6Address": ("B_DST", 6),
-    "sourceIPv4PrefixLength": ("V_SRC_PREFIX", 4),
-    "destinationIPv4PrefixLength": ("V_DST_PREFIX", 4),
-    "sourceIPv6PrefixLength": ("V_SRC_PREFIX", 6),
-    "destinationIPv6PrefixLength": ("V_DST_PREFIX", 6),
-    "ipNextHopIPv4Address": ("B_NEXT_HOP", 4),
-    "ipNextHopIPv6Address": ("B_NEXT_HOP", 6),
-}
+    def slot(self, name: str) -> int:
+        if name not in self.slots:
+            self.slots.append(name)
+        return self.slots.index(name)
 
+    def lookup(self, source: Source) -> int:
+        """Index of the lookup ``source`` takes an item of (added the first time)."""
+        key = (source.kind, source.side)
+        if key not in self._lookup_index:
+            address = FlowKey._fields.index(SIDES[source.side]) if source.side else 0
+            if source.kind == "route":
+                entry = (_flowpack.L_ROUTE, self.route, getattr(self.route, "cache", {}), address, self.slot("netns"))
+            elif source.kind == "pod":
+                table = pod_table(self.pods)
+                entry = (_flowpack.L_POD, self.pods if table is None else None, table, address, self.slot("end_ns"))
+            else:
+                entry = (_flowpack.L_CALL, self.functions[source.kind], None, 0, 0)
+            self._lookup_index[key] = len(self.lookups)
+            self.lookups.append(entry)
+        return self._lookup_index[key]
 
-def step_names() -> set[str]:
-    return set(STEPS) | set(FAMILY_STEPS)
+    def _source(self, source: Source) -> tuple[int, int, int, int]:
+        """(source code, index, item, constant)"""
+        kind = source.kind
+        if kind == "zero":
+            return _flowpack.S_CONST, 0, 0, 0
+        if kind == "literal":
+            return _flowpack.S_CONST, 0, 0, int(source.name)
+        if kind == "exporter":
+            return _flowpack.S_CONST, 0, 0, self.constants[source.name]
+        if kind == "record":
+            return _flowpack.S_SLOT, self.slot(source.name), 0, 0
+        if kind == "key":
+            return _flowpack.S_KEY, FlowKey._fields.index(source.name), 0, 0
+        return _flowpack.S_LOOKUP, self.lookup(source), source.lookup.index(source.name), 0
 
-
-def _kind(element: InformationElement) -> int | None:
-    if element.variable_length:
-        return _flowpack.KIND_VARLEN
-    code = element.struct_code
-    if code is None or struct.calcsize("!" + code) != element.length:
-        return None
-    if code.endswith("s"):
-        return _flowpack.KIND_BYTES
-    return _flowpack.KIND_INT if code in "BHIQ" else None
-
-
-def _step(name: str, element: InformationElement, family: int | None, constants: dict[str, int]) -> tuple | None:
-    kind = _kind(element)
-    if name in FAMILY_STEPS:
-        op, for_family = FAMILY_STEPS[name]
-        if family is None:
-            arg = for_family  # filled for records of that family only, tested per record
-        elif family == for_family:
-            arg = 0  # every record this packer sees is of that family
+    def step(self, element: InformationElement, value: Value) -> tuple | None:
+        """The step writing ``element`` from ``value``, or None if the C encoder cannot."""
+        if element.variable_length:
+            kind = _flowpack.KIND_VARLEN
+        elif element.type in BYTES_TYPES:
+            kind = _flowpack.KIND_BYTES
+        elif element.type in INTEGER_TYPES and 1 <= element.length <= 8:
+            kind = _flowpack.KIND_INT
         else:
-            op, arg = ("B_ZERO" if op.startswith("B_") else "V_CONST"), 0
-    elif name in STEPS:
-        op, arg = STEPS[name]
-        arg = constants[arg] if isinstance(arg, str) else arg
-    else:
-        return None
-    if kind is None or (kind == _flowpack.KIND_INT) == op.startswith("B_"):
-        return None
-    return (getattr(_flowpack, op), arg, element.length, kind)
+            return None
+        if (kind == _flowpack.KIND_INT) == (value.source.gives == BYTES):
+            return None
+        guards = tuple((FlowKey._fields.index(g.item), int(g.negate), g.values) for g in value.guards)
+        operations = tuple((getattr(_flowpack, "OP_" + name.upper()),
+                            self.constants[arg] if isinstance(arg, str) else arg) for name, arg in value.operations)
+        source, index, item, constant = self._source(value.source)
+        if (len(guards) > _flowpack.MAX_GUARDS or len(operations) > _flowpack.MAX_OPS
+                or any(len(g[2]) > _flowpack.MAX_GUARD_VALUES or not 0 <= min(g[2]) <= max(g[2]) < 2**64
+                       for g in guards)
+                or any(not 0 <= arg < 2**64 for _, arg in operations) or not 0 <= constant < 2**64
+                or len(self.slots) > _flowpack.MAX_SLOTS or len(self.lookups) > _flowpack.MAX_LOOKUPS):
+            return None
+        wire_format = {"dateTimeMicroseconds": _flowpack.F_NTP_US,
+                       "dateTimeNanoseconds": _flowpack.F_NTP}.get(element.type, _flowpack.F_PLAIN)
+        return (source, index, item, constant, guards, operations, wire_format,
+                0 if element.variable_length else element.length, kind, element.reduced)
 
 
-def compile_packer(template, names, *, family: int | None, observation_domain_id: int,
-                   exporting_process_id: int, system_init_ms: int, route, pods):
-    """The C packer for ``template`` (``names``: its elements' IANA names), or None (see module doc)."""
+def compile_packer(template, values, *, family: int | None, constants: Mapping[str, int], route=None, pods=None,
+                   lookups: Mapping[str, Callable] | None = None):
+    """The C packer for ``template`` whose elements take ``values`` (values.Value), or None (see module doc).
+
+    Its ``saturated`` gives, per element, the values sent as the largest a
+    reduced size holds because they were larger.
+    """
     if _flowpack is None or os.environ.get("KIPFIX_ENCODER", "").lower() == "python":
         return None
-    constants = {"odid": observation_domain_id, "epid": exporting_process_id, "init_ms": system_init_ms}
-    program = [_step(n, e, family, constants) for n, e in zip(names, template.elements)]
-    if None in program:
-        return None
-    table = pod_table(pods)
-    lookup = pods if table is None else None
-    return _flowpack.Packer(program, flow.FlowRecord, system_init_ms, route, getattr(route, "cache", {}),
-                            table, lookup, NOPOD, struct.error)
+    program = Program(constants, route, pods, lookups or {})
+    steps = []
+    for element, value in zip(template.elements, values):
+        step = program.step(element, value.for_family(family))
+        if step is None:
+            return None
+        steps.append(step)
+    return _flowpack.Packer(tuple(steps), tuple(program.slots), tuple(program.lookups), FlowRecord, NOPOD,
+                            struct.error)

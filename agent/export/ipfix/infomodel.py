@@ -1,20 +1,24 @@
-"""The IPFIX information model: Information Elements and their encodings.
+"""The IPFIX information model: every Information Element kipfix knows, from one table.
 
-The IANA registry subset lives in ``agent/data/iana-ipfix-elements.csv``;
-kipfix's enterprise-specific elements in ``agent/data/kipfix-elements.csv``
-(numbered under the exporter's Private Enterprise Number). Names are matched
-case-insensitively, so both the IANA spelling (``flowEndMilliseconds``) and
-the capitalised one used in existing configs (``FlowEndMilliseconds``) work.
+``agent/data/elements.csv`` has one row per element: IANA id or PEN and id,
+name, abstract data type, length, semantics, and how kipfix fills it in a
+flow record (values.py). This module reads it into an ``ElementTable``; the
+encoders, the decoder, config validation and docs/elements.md all use that.
+Names are matched case-insensitively, so both the IANA spelling
+(``flowEndMilliseconds``) and the capitalised one of linux-flow-exporter
+configs (``FlowEndMilliseconds``) work.
 """
 
 from __future__ import annotations
 
 import csv
 import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from importlib import resources
+from typing import Iterable
 
 from ...contract import DEFAULT_PEN
+from . import values as value_sources
 
 VARLEN = 65535  # RFC 7011 7: field length 65535 announces a variable-length field
 
@@ -42,11 +46,21 @@ TYPES: dict[str, tuple[int | None, str | None]] = {
     "string": (None, None),
     "octetArray": (None, None),
 }
+INTEGER_TYPES = frozenset(t for t in TYPES if t.startswith(("unsigned", "signed")))
+BYTES_TYPES = frozenset(("macAddress", "ipv4Address", "ipv6Address", "string", "octetArray"))
+
+
+def reduced_lengths(data_type: str) -> range | tuple[int, ...]:
+    """Lengths RFC 7011 6.2 allows below the type's own: any for integers (dropping leading zero or
+    sign octets), float32 for float64, none for the other types."""
+    if data_type in INTEGER_TYPES:
+        return range(1, TYPES[data_type][0])
+    return (4,) if data_type == "float64" else ()
 
 
 @dataclass(frozen=True, slots=True)
 class InformationElement:
-    """One Information Element: ``pen`` is 0 for IANA elements."""
+    """One Information Element: ``pen`` is 0 for IANA elements; ``length`` may be a reduced size."""
 
     id: int
     name: str
@@ -60,29 +74,103 @@ class InformationElement:
         return self.length == VARLEN
 
     @property
-    def enterprise(self) -> bool:
-        return self.pen != 0
+    def reduced(self) -> bool:
+        """Sent in fewer octets than its type's (RFC 7011 6.2)."""
+        return not self.variable_length and self.length != TYPES[self.type][0]
 
     @property
     def struct_code(self) -> str | None:
-        """struct format of the value in network byte order (None if variable)."""
-        return TYPES[self.type][1]
+        """struct format of the value in network byte order (None if variable, or a length struct has
+        no code for, such as a 3-octet integer)."""
+        if not self.reduced:
+            return TYPES[self.type][1]
+        if self.type == "float64" and self.length == 4:
+            return "f"
+        code = {1: "b", 2: "h", 4: "i", 8: "q"}.get(self.length) if self.type in INTEGER_TYPES else None
+        return code if code is None or self.type.startswith("signed") else code.upper()
 
-    def with_pen(self, pen: int) -> "InformationElement":
-        return replace(self, pen=pen)
+
+@dataclass(frozen=True)
+class Element:
+    """One row of the element table: the element, how a flow record fills it (None: never), and
+    what kipfix puts there. ``pen`` None is the exporter's own PEN (kipfix's elements)."""
+
+    id: int
+    name: str
+    type: str
+    length: int
+    semantics: str
+    pen: int | None
+    value: value_sources.Value | None
+    description: str = ""
+
+    def element(self, exporter_pen: int = DEFAULT_PEN) -> InformationElement:
+        return InformationElement(self.id, self.name, self.type, self.length, self.semantics,
+                                  exporter_pen if self.pen is None else self.pen)
 
 
-def _read(filename: str, pen: int) -> list[InformationElement]:
-    text = resources.files("kipfix.agent").joinpath("data", filename).read_text(encoding="utf-8")
-    rows = csv.DictReader(line for line in text.splitlines() if line and not line.startswith("#"))
-    elements = []
-    for row in rows:
-        if row["type"] not in TYPES:
-            raise ValueError(f"{filename}: element {row['name']}: unsupported data type {row['type']!r}")
-        length = VARLEN if row["length"] == "v" else int(row["length"])
-        elements.append(InformationElement(int(row["id"]), row["name"], row["type"], length,
-                                           row["semantics"], pen))
-    return elements
+def unknown(name: str) -> ValueError:
+    return ValueError(f"unknown information element {name!r}; names follow the IANA IPFIX registry "
+                      "(for example flowEndMilliseconds or FlowEndMilliseconds)")
+
+
+class ElementTable:
+    """The rows by (case-folded) name, in table order."""
+
+    def __init__(self, rows: Iterable[Element]):
+        self.rows = tuple(rows)
+        self._by_name = {}
+        for row in self.rows:
+            if row.name.casefold() in self._by_name:
+                raise ValueError(f"element table: {row.name} appears twice")
+            self._by_name[row.name.casefold()] = row
+
+    def row(self, name: str) -> Element:
+        """The row called ``name`` (case-insensitive); ValueError naming it if unknown."""
+        row = self._by_name.get(str(name).casefold())
+        if row is None:
+            raise unknown(name)
+        return row
+
+    def fillable(self) -> list[Element]:
+        return [row for row in self.rows if row.value is not None]
+
+    def extended(self, rows: Iterable[Element]) -> "ElementTable":
+        """This table plus ``rows`` (elements declared at run time)."""
+        return ElementTable(self.rows + tuple(rows))
+
+    def model(self, exporter_pen: int = DEFAULT_PEN) -> "InfoModel":
+        return InfoModel([row.element(exporter_pen) for row in self.rows])
+
+
+def _row(fields: dict[str, str], where: str) -> Element:
+    data_type, length = fields["type"], fields["length"]
+    if data_type not in TYPES:
+        raise ValueError(f"{where}: unsupported data type {data_type!r}; accepted: {', '.join(TYPES)}")
+    expected = TYPES[data_type][0]
+    if (length == "v") != (expected is None) or (expected is not None and int(length) != expected):
+        raise ValueError(f"{where}: length {length!r} is not {data_type}'s ({expected or 'v'})")
+    value = value_sources.parse(fields["value"]) if fields["value"] else None
+    if value is not None and (value.source.gives == value_sources.BYTES) != (data_type in BYTES_TYPES):
+        raise ValueError(f"{where}: value {fields['value']!r} gives {value.source.gives}, "
+                         f"which a {data_type} element cannot hold")
+    if value is not None and value.operations and value.source.gives != value_sources.INT:
+        raise ValueError(f"{where}: value {fields['value']!r}: integer operations on octets")
+    pen = fields["pen"]
+    return Element(int(fields["id"]), fields["name"], data_type, VARLEN if length == "v" else int(length),
+                   fields["semantics"], 0 if pen == "" else None if pen == "exporter" else int(pen), value,
+                   fields["description"])
+
+
+def read_table(text: str, filename: str = "elements.csv") -> ElementTable:
+    lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+    return ElementTable(_row(fields, f"{filename}: {fields['name']}") for fields in csv.DictReader(lines))
+
+
+@functools.cache
+def table() -> ElementTable:
+    """The element table shipped with kipfix (agent/data/elements.csv)."""
+    return read_table(resources.files("kipfix.agent").joinpath("data", "elements.csv").read_text(encoding="utf-8"))
 
 
 class InfoModel:
@@ -101,8 +189,7 @@ class InfoModel:
     def lookup(self, name: str) -> InformationElement:
         element = self._by_name.get(str(name).casefold())
         if element is None:
-            raise ValueError(f"unknown information element {name!r}; names follow the IANA IPFIX registry "
-                             "(for example flowEndMilliseconds or FlowEndMilliseconds)")
+            raise unknown(name)
         return element
 
     def by_id(self, element_id: int, pen: int = 0) -> InformationElement | None:
@@ -111,14 +198,11 @@ class InfoModel:
     def elements(self) -> list[InformationElement]:
         return list(self._by_id.values())
 
-    def names(self) -> list[str]:
-        return sorted(e.name for e in self._by_name.values())
-
 
 @functools.cache
 def default_model(enterprise_number: int = DEFAULT_PEN) -> InfoModel:
-    """IANA elements plus kipfix's own elements under ``enterprise_number``."""
-    return InfoModel(_read("iana-ipfix-elements.csv", 0) + _read("kipfix-elements.csv", enterprise_number))
+    """Every element of the table, kipfix's own under ``enterprise_number``."""
+    return table().model(enterprise_number)
 
 
 def lookup(name: str) -> InformationElement:

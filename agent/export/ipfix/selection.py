@@ -35,9 +35,6 @@ IP_VERSIONS = (4, 6)
 PROTOCOL_NUMBERS = {"icmp": 1, "igmp": 2, "ipip": 4, "tcp": 6, "udp": 17, "ipv6": 41, "gre": 47, "esp": 50,
                     "ah": 51, "icmpv6": 58, "ipv6-icmp": 58, "ospf": 89, "pim": 103, "vrrp": 112, "l2tp": 115,
                     "sctp": 132, "udplite": 136}
-# Elements that only have a value for one family: split parts and counterparts drop or swap them.
-V4_ONLY = frozenset(fields.V4_TO_V6)
-V6_ONLY = frozenset(fields.V6_TO_V4)
 
 
 def protocol_number(value) -> int:
@@ -65,7 +62,7 @@ def describe_protocols(protocols) -> str:
 
 @dataclass(frozen=True)
 class TemplatePlan:
-    """One template to send: its id, elements (canonical names) and the flows it selects.
+    """One template to send: its id, fields (as configured: a reduced size stays) and the flows it selects.
 
     ``family`` is 4 or 6 for a template that carries one family's addresses,
     None when it takes both. ``protocols`` is None for every protocol.
@@ -91,20 +88,38 @@ class TemplatePlan:
         return f"{versions} flows{protocols}"
 
 
-def _family_of(names: Sequence[str]) -> tuple[bool, bool]:
-    has = set(names)
-    return bool(has & fields.V4_ADDRESSES), bool(has & fields.V6_ADDRESSES)
+def _address_family(spec: str) -> int | None:
+    """4 or 6 for an address element (sourceIPv4Address, ipNextHopIPv6Address, ...), else None."""
+    return fields.ADDRESS_TYPES.get(fields.parse_field(spec)[0].type)
 
 
-def _without(names: Sequence[str], dropped: frozenset) -> tuple[str, ...]:
-    return tuple(n for n in names if n not in dropped)
+def _element_family(spec: str) -> int | None:
+    """The one IP version an element has a value for (IPv4 in its name: 4, IPv6: 6; icmpTypeCodeIPv4, the
+    prefix lengths and next hops too), or None for both."""
+    name = fields.canonical_name(spec)
+    return 4 if "IPv4" in name else 6 if "IPv6" in name else None
 
 
-def _swap(names: Sequence[str], family: int) -> tuple[str, ...]:
-    """The other family's elements in place of this family's; an element the template already names
-    (icmpTypeCodeIPv4 in an IPv6 template) is not repeated."""
-    mapping = fields.V4_TO_V6 if family == 4 else fields.V6_TO_V4
-    return tuple(dict.fromkeys(mapping.get(n, n) for n in names))
+def _family_of(specs: Sequence[str]) -> tuple[bool, bool]:
+    families = {_address_family(s) for s in specs}
+    return 4 in families, 6 in families
+
+
+def _part(specs: Sequence[str], family: int) -> tuple[str, ...]:
+    """The fields that have a value for ``family``'s flows (a split template's part)."""
+    return tuple(s for s in specs if _element_family(s) in (None, family))
+
+
+def _swap(specs: Sequence[str]) -> tuple[str, ...]:
+    """The other family's elements in place of this family's (fields.counterpart, sizes kept); an element
+    the template already names (icmpTypeCodeIPv4 in an IPv6 template) is not repeated."""
+    seen, out = set(), []
+    for spec in fields.counterpart(specs):
+        name = fields.canonical_name(spec)
+        if name not in seen:
+            seen.add(name)
+            out.append(spec)
+    return tuple(out)
 
 
 def plan_templates(configs: Sequence) -> list[TemplatePlan]:
@@ -119,14 +134,14 @@ def plan_templates(configs: Sequence) -> list[TemplatePlan]:
     fallbacks: list[TemplatePlan] = []
     for index, config in enumerate(configs):
         where = f"templates[{index}] (id {config.id})"
-        names = tuple(fields.canonical_name(n) for n in config.fields)
+        names = tuple(config.fields)  # as given: a reduced size (tcpControlBits:1) stays
         protocols = frozenset(config.protocols) if getattr(config, "protocols", ()) else None
         chosen = frozenset(getattr(config, "ip_versions", ()) or ())
         has4, has6 = _family_of(names)
         if chosen:
-            for family, has, elements in ((4, has4, fields.V4_ADDRESSES), (6, has6, fields.V6_ADDRESSES)):
+            for family, has in ((4, has4), (6, has6)):
                 if has and family not in chosen:
-                    named = ", ".join(n for n in names if n in elements)
+                    named = ", ".join(fields.canonical_name(n) for n in names if _address_family(n) == family)
                     raise ValueError(f"{where}: select.ipVersion {sorted(chosen)} leaves out IPv{family} flows, "
                                      f"but the template names IPv{family} addresses ({named}); accepted: "
                                      f"select IPv{family} too, or remove those elements")
@@ -138,7 +153,7 @@ def plan_templates(configs: Sequence) -> list[TemplatePlan]:
                                      f"accepted: ipVersion {family} (or leave ipVersion out: IPv{other} flows "
                                      f"no template takes then go to a derived IPv{other} template)")
         if has4 and has6:
-            parts = [(4, _without(names, V6_ONLY), config.id, False), (6, _without(names, V4_ONLY), next(ids), True)]
+            parts = [(4, _part(names, 4), config.id, False), (6, _part(names, 6), next(ids), True)]
             configured += [TemplatePlan(tid, part, family, frozenset((family,)), protocols, index, derived)
                            for family, part, tid, derived in parts]
         elif has4 or has6:
@@ -146,7 +161,7 @@ def plan_templates(configs: Sequence) -> list[TemplatePlan]:
             configured.append(TemplatePlan(config.id, names, family, frozenset((family,)), protocols, index))
             if not chosen:
                 other = 6 if family == 4 else 4
-                fallbacks.append(TemplatePlan(0, _swap(names, family), other, frozenset((other,)), protocols,
+                fallbacks.append(TemplatePlan(0, _swap(names), other, frozenset((other,)), protocols,
                                               index, derived=True, fallback=True))
         else:
             versions = chosen or frozenset(IP_VERSIONS)

@@ -3,7 +3,9 @@
 A template is compiled once into a packing function: consecutive fixed-length
 fields share one ``struct.Struct``, variable-length fields are written between
 them with a 1-octet (< 255) or 3-octet (255, then a 16-bit length) prefix
-(RFC 7011 7). The function encodes a whole batch in one list comprehension.
+(RFC 7011 7), and so are integers of a reduced size struct has no format for
+(RFC 7011 6.2: 3, 5, 6 or 7 octets). The function encodes a whole batch in
+one list comprehension.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from .infomodel import VARLEN, InformationElement
+from .infomodel import INTEGER_TYPES, VARLEN, InformationElement
 
 NTP_EPOCH_OFFSET = 2_208_988_800  # seconds from 1900-01-01 to 1970-01-01
 ENTERPRISE_BIT = 0x8000
@@ -45,6 +47,14 @@ def varlen(data: bytes) -> bytes:
     if n > MAX_VARLEN:
         data, n = data[:MAX_VARLEN], MAX_VARLEN
     return b"\xff" + n.to_bytes(2, "big") + data
+
+
+def sized_int(value: int, length: int, signed: bool) -> bytes:
+    """An integer in a length struct has no format for (3, 5, 6 or 7 octets); struct.error if it does not fit."""
+    try:
+        return value.to_bytes(length, "big", signed=signed)
+    except (OverflowError, AttributeError) as err:
+        raise struct.error(f"{value!r} does not fit {length} octets") from err
 
 
 @dataclass(frozen=True)
@@ -103,6 +113,7 @@ def compile_packer(template: Template, expressions: Sequence[str], env: dict[str
         raise ValueError("one expression per element is needed")
     namespace = dict(env)
     namespace["varlen"] = varlen
+    namespace["_int"] = sized_int
     parts: list[str] = []
     fmt, args = "", []
 
@@ -118,13 +129,15 @@ def compile_packer(template: Template, expressions: Sequence[str], env: dict[str
         if element.variable_length:
             flush()
             parts.append(f"varlen({expression})")
-        else:
-            code = element.struct_code
-            if element.length != (struct.calcsize("!" + code)):
-                raise ValueError(f"{element.name}: length {element.length} differs from its type's "
-                                 "(reduced-size encoding is not supported)")
-            fmt += code
+        elif element.struct_code is not None:
+            fmt += element.struct_code
             args.append(expression)
+        elif element.type in INTEGER_TYPES and 0 < element.length < 8:  # 3, 5, 6 or 7 octets (RFC 7011 6.2)
+            flush()
+            signed = element.type.startswith("signed")
+            parts.append(f"_int({expression}, {element.length}, {signed})")
+        else:
+            raise ValueError(f"{element.name}: {element.length} octets cannot hold its type {element.type}")
     flush()
     body = " + ".join(parts)
     source = f"def pack(items):\n    return [{body} for r in items {bind}]\n"
