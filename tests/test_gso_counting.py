@@ -15,12 +15,12 @@ the capture is the unambiguous reference.)
 
 from __future__ import annotations
 
-import signal
 import subprocess
 
 import pytest
 
 from agentproc import totals
+from capture import Capture
 from router import Router, link_stats, sh
 from test_metering_exact import iperf3
 
@@ -40,29 +40,21 @@ def offload_router():
         topo.destroy()
 
 
-def capture(netns: str, ifname: str, path) -> subprocess.Popen:
-    proc = subprocess.Popen(["ip", "netns", "exec", netns, "dumpcap", "-q", "-i", ifname, "-B", "64", "-w", str(path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    for line in proc.stderr:
-        if "Capturing on" in line:
-            return proc
-    raise AssertionError(f"dumpcap did not start on {ifname}")
-
-
 def test_tcp_bulk_with_offloads_counts_wire_segments(offload_router, agent_factory, tmp_path):
     router = offload_router
     agent = agent_factory({"interfaces": [{"netns": router.r, "names": ["r1", "r2a"]}],
                            "timeouts": {"idle": 30, "active": 60}}).start()
     pcap = tmp_path / "r2a.pcapng"
-    dumpcap = capture(router.r, "r2a", pcap)
+    dumpcap = Capture(router.r, ["r2a"], pcap)
+    dumpcap.sync()  # the capture runs
     h1_before, r2a_before = link_stats(router.h1, "eth0"), link_stats(router.r, "r2a")
     report = iperf3(router, "-n", "16M", "-l", "128K")
     assert "error" not in report, report.get("error")
     router.settle()
     agent.stop()
     h1_after, r2a_after = link_stats(router.h1, "eth0"), link_stats(router.r, "r2a")
-    dumpcap.send_signal(signal.SIGINT)
-    dumpcap.wait(30)
+    dumpcap.sync()  # everything before this probe is in the file
+    dumpcap.stop()
     records = agent.records()
 
     lengths = subprocess.run(["tshark", "-r", str(pcap), "-Y", "ip.src == 10.1.0.1", "-T", "fields", "-e", "ip.len"],
