@@ -39,7 +39,7 @@ from typing import Sequence
 from .config import AgentConfig, ConfigError, changed_keys, check_reload, load_config
 from .config.resolve import resolve_config
 from .flows.record import EndReason, FlowCounters, FlowKey, FlowRecord
-from .flows.cache import FlowCache
+from .flows.cache import FlowCache, wall_offset_ns
 from .flows.gcpause import gc_paused
 from .flows.journal import Journal, JournalError, JournalState, PinPathInUse, SendCursors, journal_path
 from .datapath.meter import Meter
@@ -204,6 +204,7 @@ class Agent:
         self._stopping = threading.Event()
         self._reload = threading.Event()
         self._unmetered = self.meter.tables.unmetered()
+        self._unmetered_ms = self._unmetered_wall_ms()
         self.observed_packets = self.observed_octets = self.exported_flows = 0
         self.generation = 1
         self.metrics = None  # metrics.AgentMetrics when metrics are served
@@ -303,9 +304,19 @@ class Agent:
 
     def stats(self) -> MeteringStats:
         packets, octets = self._unmetered
+        first_ms, last_ms = self._unmetered_ms
         return MeteringStats(observed_packets=self.observed_packets, observed_octets=self.observed_octets,
                              exported_flows=self.exported_flows, ignored_packets=packets, ignored_octets=octets,
-                             interfaces=tuple(self.attachments.interface_table()))
+                             ignored_first_ms=first_ms, ignored_last_ms=last_ms,
+                             observation_points=tuple(self.attachments.observation_points()))
+
+    def _unmetered_wall_ms(self) -> tuple[int, int]:
+        """Wall-clock ms of the first and last packet a full kernel table could not meter; (0, 0) for none."""
+        times = self.meter.tables.unmetered_times()
+        if times is None:
+            return 0, 0
+        offset = wall_offset_ns()
+        return (times[0] + offset) // 1_000_000, (times[1] + offset) // 1_000_000
 
     def desired_interfaces(self, config: AgentConfig) -> tuple:
         """What to attach to: the config's selections (the Kubernetes agent adds its pods')."""
@@ -349,6 +360,7 @@ class Agent:
                         self.config.max_flows, unmetered[0] - self._unmetered[0],
                         unmetered[1] - self._unmetered[1], *unmetered)
             self._unmetered = unmetered
+            self._unmetered_ms = self._unmetered_wall_ms()
         if records:
             self.exported_flows += len(records)
             self.sink.export(records, self.stats())

@@ -253,6 +253,11 @@ class AgentCollector(Collector):
                       "acknowledged them), not_resumable (journaled across a restart, but the template "
                       "changed), in_doubt (being sent when the agent was killed: the collector may have "
                       "them; not sent again), not_sent_at_exit, error", ("collector", "reason")), self._dropped),
+            (_counter("ipfix_unselected_flows", "Flow records no template selects (a template's select: IP "
+                      "version, protocols): not exported to any collector"),
+             lambda f: f.add_metric([], sum(e.unselected.flows for e in self._exporters()))),
+            (_counter("ipfix_unselected_packets", "Packets of the flow records counted in ipfix_unselected_flows"),
+             lambda f: f.add_metric([], sum(e.unselected.packets for e in self._exporters()))),
             (_gauge("ipfix_queued_flows", "Flow records waiting in a collector's queue", ("collector",)),
              lambda f: self._per_session(f, lambda s: s.queued_flows)),
             (_counter("ipfix_templates_sent", "Template and options template records sent, per collector",
@@ -309,6 +314,10 @@ class AgentCollector(Collector):
         meter = self.agent.meter
         for direction, fd in (("ingress", meter.ingress_fd), ("egress", meter.egress_fd)):
             family.add_metric([direction], getattr(bpfsys.prog_info(fd), field) * scale)
+
+    def _exporters(self) -> list:
+        sinks = getattr(self.agent.sink, "sinks", [self.agent.sink])
+        return [sink for sink in sinks if hasattr(sink, "unselected")]
 
     def _sessions(self) -> list:
         sinks = getattr(self.agent.sink, "sinks", [self.agent.sink])

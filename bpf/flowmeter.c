@@ -70,6 +70,8 @@ struct flow_value {
 struct unmetered {
     __u64 packets;
     __u64 bytes;
+    __u64 first_ns;     /* the first and last packet not metered (RFC 7011 4.2) */
+    __u64 last_ns;
 };
 
 BPF_TABLE_PINNED("percpu_hash", struct flow_key, struct flow_value, flows_a, MAX_FLOWS, PIN_PATH "/flows_a");
@@ -80,6 +82,7 @@ BPF_TABLE_PINNED("percpu_array", int, struct unmetered, table_full, 1, PIN_PATH 
 
 struct packet_info {
     __u32 l3_off;
+    __u32 ip_len;       /* from the IP header: the frame may carry link-layer padding after it */
     __u32 l4_hdr_end;   /* end of the transport header, for per-segment header bytes */
     __u16 vlan_id;
     __u16 inner_vlan_id;
@@ -133,6 +136,7 @@ static __always_inline int parse_ipv4(void *data, void *data_end, struct flow_ke
     __builtin_memcpy(key->dst, &ip->daddr, 4);
     info->ttl = ip->ttl;
     info->tos = ip->tos;
+    info->ip_len = bpf_ntohs(ip->tot_len);
     info->l4_hdr_end = info->l3_off + ihl;
     __u16 frag = bpf_ntohs(ip->frag_off);
     if (frag & 0x3fff) /* MF set or non-zero offset: a fragment */
@@ -153,6 +157,8 @@ static __always_inline int parse_ipv6(void *data, void *data_end, struct flow_ke
     __builtin_memcpy(key->dst, &ip6->daddr, 16);
     info->ttl = ip6->hop_limit;
     info->tos = (ip6->priority << 4) | (ip6->flow_lbl[0] >> 4);
+    if (ip6->payload_len) /* 0: a jumbogram, whose length only the skb knows */
+        info->ip_len = bpf_ntohs(ip6->payload_len) + sizeof(*ip6);
 
     __u8 next = ip6->nexthdr;
     __u32 off = info->l3_off + sizeof(*ip6);
@@ -259,12 +265,19 @@ static __always_inline int meter(struct __sk_buff *skb, __u8 direction)
     key.netns_id = skb->tc_classid & 0xffff;
     key.direction = direction;
 
-    /* A GSO/GRO packet stands for gso_segs packets on the wire, each with its
-     * own copy of the headers up to the transport header. */
+    /* Octets are IP octets: the IP header's length, not the frame's, which
+     * a short packet pads to 60 octets on Ethernet (ingress on a real NIC).
+     * A GSO/GRO packet stands for gso_segs packets on the wire, each with
+     * its own copy of the headers up to the transport header; the stack
+     * built it, so it has no padding (and its IP length may be 0 or stale). */
     __u64 segs = skb->gso_segs > 1 ? skb->gso_segs : 1;
     __u64 bytes = skb->len - info.l3_off;
-    if (segs > 1 && info.l4_hdr_end > info.l3_off)
-        bytes += (segs - 1) * (info.l4_hdr_end - info.l3_off);
+    if (segs > 1) {
+        if (info.l4_hdr_end > info.l3_off)
+            bytes += (segs - 1) * (info.l4_hdr_end - info.l3_off);
+    } else if (info.ip_len && info.ip_len < bytes) {
+        bytes = info.ip_len;
+    }
     __u64 now = bpf_ktime_get_ns();
 
     int zero = 0;
@@ -282,8 +295,11 @@ static __always_inline int meter(struct __sk_buff *skb, __u8 direction)
         if (!v) {
             struct unmetered *lost = table_full.lookup(&zero);
             if (lost) {
+                if (lost->packets == 0)
+                    lost->first_ns = now;
                 lost->packets += segs;
                 lost->bytes += bytes;
+                lost->last_ns = now;
             }
             return TC_ACT_UNSPEC;
         }

@@ -4,7 +4,10 @@ Exporters are merged oldest first (creationTimestamp, then name). An exporter
 joins a node's config when it is compatible with what is already there:
 
 - collectors and templates are united; the same template id with different
-  fields, or the same collector address with different settings, conflicts;
+  fields or selection, or the same collector address with different
+  settings, conflicts; templates keep the order they have in the oldest
+  exporter, then the next one's (a flow goes to the first template that
+  selects it, and a template that no flow can reach conflicts);
 - host interface and pod selections are listed side by side (the agent
   meters the union; one exporter's ``exclude`` never hides another's names);
 - timeouts and the observation domain id must be equal, else they conflict;
@@ -76,6 +79,10 @@ def _merge(base: dict, part: dict, base_owners: list[Exporter], new: Exporter) -
         elif old["fields"] != template["fields"]:
             raise Conflict(f"template id {template['id']} has fields {template['fields']} in FlowExporter "
                            f"{new.name!r} but {old['fields']} in FlowExporter {owners}")
+        elif old.get("select") != template.get("select"):
+            raise Conflict(f"template id {template['id']} selects {template.get('select') or 'every flow'} in "
+                           f"FlowExporter {new.name!r} but {old.get('select') or 'every flow'} in FlowExporter "
+                           f"{owners}")
     by_address = {c["address"]: c for c in base["collectors"]}
     for collector in part["collectors"]:
         old = by_address.get(collector["address"])

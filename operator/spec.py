@@ -51,7 +51,7 @@ class Exporter:
     generation: int
     node_selector: dict = field(default_factory=dict)
     collectors: tuple[dict, ...] = ()  # agent config shape (tls files as secret: references)
-    templates: tuple[tuple[int, tuple[str, ...]], ...] = ()
+    templates: tuple[tuple[int, tuple[str, ...], dict | None], ...] = ()  # (id, fields, select)
     host_names: tuple[str, ...] = ()
     host_exclude: tuple[str, ...] = ()
     pods: dict | None = None
@@ -140,16 +140,18 @@ def _collector(data: Any, path: str) -> dict:
     return out
 
 
-def _template(data: Any, path: str) -> tuple[Any, tuple]:
+def _template(data: Any, path: str) -> tuple[Any, tuple, dict | None]:
+    """(id, fields, select); the agent's schema checks the values (select: ipVersion, protocols)."""
     data = _mapping(data, path)
     for key in data:
-        if key not in ("id", "fields"):
-            raise SpecError(f"{path}.{show_key(key)}: unknown key; accepted: id, fields")
+        if key not in ("id", "fields", "select"):
+            raise SpecError(f"{path}.{show_key(key)}: unknown key; accepted: id, fields, select")
     fields = data.get("fields")
     if not isinstance(fields, list) or not fields:
         raise SpecError(f"{path}.fields: {show(fields)} is not accepted; accepted: a non-empty list of "
                         "information element names")
-    return data.get("id"), tuple(fields)
+    select = data.get("select")
+    return data.get("id"), tuple(fields), (_mapping(select, f"{path}.select") if select is not None else None)
 
 
 def parse_exporter(body: dict) -> Exporter:
@@ -204,7 +206,8 @@ def contribution(exporter: Exporter, node: str) -> dict:
     """This exporter's part of a node's agent config (agent YAML shape)."""
     doc: dict[str, Any] = {
         "collectors": [dict(c) for c in exporter.collectors],
-        "templates": [{"id": tid, "fields": list(fields)} for tid, fields in exporter.templates],
+        "templates": [{"id": tid, "fields": list(fields), **({"select": dict(select)} if select else {})}
+                      for tid, fields, select in exporter.templates],
         "interfaces": [],
         "timeouts": {"idle": exporter.idle, "active": exporter.active},
         "maxFlows": exporter.max_flows,

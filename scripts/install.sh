@@ -3,9 +3,11 @@
 # packages, kernel headers for BCC, and the project venv (.venv).
 #   scripts/install.sh          what the agent and the demo need
 #   scripts/install.sh --test   also what the whole test suite needs: image build
-#                               tools, Prometheus, and the Kubernetes binaries of
-#                               the e2e tests (built from Go modules, cached in
-#                               ~/.cache/kipfix-e2e; needs Go >= 1.24)
+#                               tools, Prometheus, the collectors (nfdump, pmacct;
+#                               goflow2 built from its Go module into
+#                               ~/.cache/kipfix-collectors) and the Kubernetes
+#                               binaries of the e2e tests (built from Go modules,
+#                               cached in ~/.cache/kipfix-e2e; needs Go >= 1.24)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -25,7 +27,8 @@ debs=(
 )
 if [ "$with_tests" = 1 ]; then
   debs+=(
-    tshark                                                    # independent IPFIX decoder in tests
+    tshark                                                    # independent IPFIX decoder in tests (and dumpcap)
+    nfdump pmacct                                             # the collectors users run: nfcapd, nfacctd
     prometheus                                                # real Prometheus and promtool for the metrics tests
     debootstrap buildah runc                                  # build and run the container image in tests
     containerd containernetworking-plugins                    # the e2e real node (tests/e2e/realnode.py)
@@ -71,5 +74,6 @@ fi
   { echo "venv check failed" >&2; exit 1; }
 if [ "$with_tests" = 1 ]; then
   bash "$repo/tests/e2e/build-tools.sh"
+  bash "$repo/tests/interop/build-goflow2.sh"                 # goflow2 collector, ~/.cache/kipfix-collectors
 fi
 log "done: $("$venv/bin/kipfix" --version)"

@@ -53,7 +53,10 @@ class Router:
     def mac(self, netns: str, ifname: str) -> str:
         return json.loads(sh(f"ip -n {netns} -j link show dev {ifname}").stdout)[0]["address"]
 
-    def create(self, offloads: bool = False) -> "Router":
+    def create(self, offloads: bool = False, inside: bool = False) -> "Router":
+        """``inside``: create each veth end inside its namespace, as a CNI plugin does, so each namespace
+        numbers its interfaces from 2 and h1's eth0, the router's r1 and h2's eth0 share ifindex 2
+        (by default veths are made in the host and moved, keeping host-wide unique numbers)."""
         for ns in self.namespaces:
             sh(f"ip netns add {ns}")
             sh(f"ip -n {ns} link set lo up")
@@ -67,9 +70,12 @@ class Router:
         sh(f"ip netns exec {self.r} sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1")
         for rif, (peer_ns, peer_if, v4, v6) in self.links.items():
             tmp = f"kf{self.tag}{rif}"
-            sh(f"ip link add {tmp}x type veth peer name {tmp}y")
-            sh(f"ip link set {tmp}x netns {self.r} name {rif}")
-            sh(f"ip link set {tmp}y netns {peer_ns} name {peer_if}")
+            if inside:
+                sh(f"ip link add {rif} netns {self.r} type veth peer name {peer_if} netns {peer_ns}")
+            else:
+                sh(f"ip link add {tmp}x type veth peer name {tmp}y")
+                sh(f"ip link set {tmp}x netns {self.r} name {rif}")
+                sh(f"ip link set {tmp}y netns {peer_ns} name {peer_if}")
             for ns, ifname, host in ((self.r, rif, 254), (peer_ns, peer_if, 1)):
                 sh(f"ip -n {ns} link set {ifname} up")
                 sh(f"ip -n {ns} addr add {v4}.{host}/24 dev {ifname}")

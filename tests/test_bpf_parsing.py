@@ -205,6 +205,9 @@ def test_table_full_is_counted_not_silent(wire):
         flows = small.tables.peek()
         assert len(flows) == 16
         assert small.tables.unmetered() == (24, 24 * len(packet))
+        first, last = small.tables.unmetered_times()  # RFC 7011 4.2: first and last ignored packet
+        assert min(c.first_ns for _n, _k, c in flows) <= first <= last
+        assert last >= max(c.last_ns for _n, _k, c in flows)
     finally:
         small.close()
         shutil.rmtree(pin, ignore_errors=True)
@@ -220,3 +223,26 @@ def test_egress_direction_is_recorded(meter, wire):
     egress = [(k.sport, c.packets) for _n, k, c in meter.tables.peek()
               if k.ifindex == ifindex and k.direction == EGRESS]
     assert egress == [(4242, 1)]
+
+
+def test_octets_are_ip_octets_not_the_padded_frame(meter, wire):
+    """Short packets travel in 60-octet Ethernet frames; a real NIC hands the padding up on ingress, a raw
+    socket sends it on egress. IPFIX octets are the IP packet's: its header's length, never the padding."""
+    ns_a, ns_b, ifindex, macs = wire
+    tc.attach(ns_a, "wa", tc.Programs(meter.ingress_fd, meter.egress_fd, classid=0x4B00_0008))
+    sender_ifindex = json.loads(sh(f"ip -n {ns_a} -j link show wa").stdout)[0]["ifindex"]
+    short_udp = ipv4(17, udp(5001, 5002, b"hi"))                 # 30 octets of IP
+    pure_ack = ipv4(6, tcp(5003, 5004, 0x10))                     # 40 octets of IP: a pure TCP ACK
+    small_v6 = ipv6(17, udp(5005, 5006, b"hello"))                # 53 octets of IP, 13 octets of trailer
+    frames = [ether(macs, 0x0800, short_udp), ether(macs, 0x0800, pure_ack), ether(macs, 0x86DD, small_v6)]
+    frames = [f + bytes(max(60 - len(f), 0)) if len(f) < 60 else f + bytes(13) for f in frames]
+    assert [len(f) for f in frames] == [60, 60, 80]
+    before = json.loads(sh(f"ip -n {ns_b} -s -j link show wb").stdout)[0]["stats64"]["rx"]["bytes"]
+    inject(ns_a, frames * 5)
+    after = json.loads(sh(f"ip -n {ns_b} -s -j link show wb").stdout)[0]["stats64"]["rx"]["bytes"]
+    assert after - before == 5 * (60 + 60 + 80)  # the padding went over the wire
+    seen = {(k.ifindex, k.direction, k.sport): (c.packets, c.octets) for _n, k, c in meter.tables.peek()
+            if k.sport in (5001, 5003, 5005)}
+    for where in ((ifindex, INGRESS), (sender_ifindex, EGRESS)):
+        assert {sport: seen.get((*where, sport)) for sport in (5001, 5003, 5005)} == \
+            {5001: (5, 5 * 30), 5003: (5, 5 * 40), 5005: (5, 5 * 53)}, where

@@ -52,7 +52,8 @@ def valid_messages(count: int = 40) -> list[bytes]:
     messages = session.template_messages(0)
     messages += [p.message for p in session.data_messages(exporter.encode(dummy_records(count)), 0)]
     messages += [p.message for p in session.data_messages(
-        exporter.options.groups(MeteringStats(interfaces=((1, "eth0"),)), ExportCounters(), 0), 0)]
+        exporter.options.groups(MeteringStats(observation_points=((1, 1, "eth0", "host"),)), ExportCounters(), 0),
+        0)]
     return messages
 
 

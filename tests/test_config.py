@@ -71,11 +71,31 @@ def test_defaults_follow_the_issue():
     (lambda c: c.update(jsonLines=""), "jsonLines: empty; accepted: a file path, or - for stdout"),
     (lambda c: c["collectors"][0].update(maxMessageSize=60),
      "collectors[0].maxMessageSize: 60 is out of range; accepted: 64..65535"),
-    # header 16 + set header 4 + record 42 + 16 = 78 octets
+    # both families named: sent as an IPv4 part (42 octets) and an IPv6 part without the IPv4 addresses:
+    # header 16 + set header 4 + record 42 - 8 + 16 = 70 octets
     (lambda c: c["collectors"][0].update(maxMessageSize=64) or
      c["templates"][0]["template"].append("sourceIPv6Address"),
-     "collectors[0].maxMessageSize: 64 octets cannot hold one record of template 1024 (78 octets with headers);"
-     " accepted: >= 78"),
+     "collectors[0].maxMessageSize: 64 octets cannot hold one record of template 1024 (70 octets with headers);"
+     " accepted: >= 70"),
+    (lambda c: c["templates"][0].update(select={"ipVersion": 5}),
+     "templates[0].select.ipVersion: 5 is not accepted; accepted: 4, 6 or [4, 6]"),
+    (lambda c: c["templates"][0].update(select={"protocols": ["tcp", "smtp"]}),
+     "templates[0].select.protocols[1]: 'smtp' is not a protocol; accepted: 0..255 or a name (icmp, igmp"),
+    (lambda c: c["templates"][0].update(select={"protocols": [300]}),
+     "templates[0].select.protocols[0]: 300 is out of range; accepted: 0..255 or a name"),
+    (lambda c: c["templates"][0].update(select={"protocol": ["tcp"]}),
+     "templates[0].select.protocol: unknown key; accepted keys here: ipVersion, protocols"),
+    (lambda c: c["templates"][0].update(select={"ipVersion": 6}),
+     "templates[0] (id 1024): select.ipVersion [6] leaves out IPv4 flows, but the template names IPv4 addresses "
+     "(sourceIPv4Address, destinationIPv4Address); accepted: select IPv4 too, or remove those elements"),
+    (lambda c: c["templates"][0].update(select={"ipVersion": [4, 6]}),
+     "templates[0] (id 1024): select.ipVersion takes IPv6 flows, but the template names only IPv4 addresses"),
+    # first match wins: a template every flow of which an earlier one takes is a mistake
+    (lambda c: c["templates"].append({"id": 1025, "template": ["octetDeltaCount", "sourceIPv4Address"],
+                                      "select": {"protocols": ["udp"]}}),
+     "templates[1] (id 1025): takes no flow: every flow it selects (IPv4 flows of protocol udp) goes to an "
+     "earlier template (1024); accepted: a flow goes to the first template that selects it, so put narrower "
+     "selections (select.protocols) first"),
 ])
 def test_each_mistake_gets_one_clear_message(change, expected):
     config = full()

@@ -15,6 +15,7 @@ from kipfix.agent.collector.server import Collector
 from kipfix.agent.export.ipfix.decoder import MalformedMessage, TemplateStore, decode_message
 from kipfix.agent.export.ipfix.dummy import MINIMAL_TEMPLATE, dummy_records
 from kipfix.agent.export.ipfix.exporter import IpfixExporter
+from kipfix.agent.export.ipfix.selection import record_lengths
 from kipfix.agent.export.ipfix.session import build_flow_templates
 from kipfix.agent.export.ipfix.transport import tls_context
 from kipfix.agent.export.sink import MeteringStats
@@ -73,13 +74,15 @@ def test_template_id_duplicated():
 
 def test_template_whose_fixed_part_exceeds_the_message_size():
     names = tuple(fields.fillable_names())
-    need = 16 + 4 + fields.fixed_record_length(names)
+    # both families' addresses: sent as an IPv4 and an IPv6 part; the IPv6 part is the longer
+    ipv6_part = [n for n in names if "IPv4" not in n]
+    need = 16 + 4 + sum(1 if e.variable_length else e.length for e in fields.elements(ipv6_part, 1))
     collector = CollectorConfig("127.0.0.1:4739", "127.0.0.1", 4739, "udp", max_message_size=need - 1)
-    with pytest.raises(ValueError, match=f"maxMessageSize {need - 1} cannot hold one record of template 400 "
+    with pytest.raises(ValueError, match=f"maxMessageSize {need - 1} cannot hold one record of template 401 "
                                          rf"\({need} octets with headers\); accepted: >= {need}"):
         IpfixExporter([collector], [TemplateConfig(400, names)], 1)
     # the derived IPv6 counterpart is what decides for an IPv4-only template
-    assert fields.fixed_record_length(("sourceIPv4Address",)) == 16
+    assert record_lengths(TemplateConfig(400, ("sourceIPv4Address",))) == [4, 16]
 
 
 @pytest.mark.parametrize("text, reason", [

@@ -57,7 +57,7 @@ def test_send_dummy_to_collect_json(transport):
     assert {f["template"] for f in flows} == {256, 257}  # IPv4 and the derived IPv6 template
     assert all(f["domain"] == 1 and "octetDeltaCount" in f["fields"] for f in flows)
     assert {o["scope"][0] for o in lines if "scope" in o} >= {"observationDomainId", "exportingProcessId",
-                                                              "ingressInterface"}
+                                                              "observationPointId"}
 
 
 def test_collect_prints_a_table():

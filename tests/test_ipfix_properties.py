@@ -40,7 +40,7 @@ def flow_records(draw):
         end_reason=draw(st.sampled_from(list(EndReason))), tcp_flags=draw(U16), min_ttl=draw(U8),
         max_ttl=draw(U8), tos=draw(U8), vlan_id=draw(st.integers(0, 4095)),
         inner_vlan_id=draw(st.integers(0, 4095)), fragment_id=draw(U32), interface_name=draw(TEXT),
-        netns=draw(TEXT))
+        netns=draw(TEXT), observation_point_id=draw(st.integers(0, 2**64 - 1)))
 
 
 SIGNED = InformationElement(30001, "testSigned", "signed32", 4, pen=32473)

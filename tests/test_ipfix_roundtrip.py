@@ -64,7 +64,7 @@ def make_records(netns: str = "") -> list[FlowRecord]:
             end_ns=start + 2_500_000_123 + i, end_reason=EndReason(1 + i % 5),
             tcp_flags=0x12 | i if proto == 6 else 0, min_ttl=30 + i, max_ttl=60 + i, tos=0xB8 + i,
             vlan_id=100 + i, inner_vlan_id=200 + i, fragment_id=7000 + i,
-            interface_name=f"veth{i}", netns=netns))
+            interface_name=f"veth{i}", netns=netns, observation_point_id=(i % 2) << 32 | (2 + i % 3)))
     return records
 
 
@@ -78,7 +78,9 @@ def run_export(templates, records, *, transport="udp", route_resolver=None, stat
                                  exporting_process_id=77, route_resolver=route_resolver)
         exporter.export(records, stats or MeteringStats())
         exporter.close(10)
-        assert collector.wait_for(lambda c: c.data_records >= len(records) * len(templates), 10)
+        flow_ids = {ft.template.id for ft in exporter.flow_templates}
+        expected = len(records) - exporter.unselected.flows  # each flow in exactly one record
+        assert collector.wait_for(lambda c: sum(r.template_id in flow_ids for r in c.records()) >= expected, 10)
     finally:
         collector.stop()
     assert collector.errors == []
@@ -205,7 +207,7 @@ TSHARK = {
     "sourceIPv6PrefixLength": ("cflow.srcmaskv6", str), "destinationIPv6PrefixLength": ("cflow.dstmaskv6", str),
     "ipNextHopIPv4Address": ("cflow.nexthop", str), "ipNextHopIPv6Address": ("cflow.nexthopv6", str),
     "interfaceName": ("cflow.if_name", str), "observationDomainId": ("cflow.od_id", str),
-    "exportingProcessId": ("cflow.flow_exporter", str),
+    "exportingProcessId": ("cflow.flow_exporter", str), "observationPointId": ("cflow.observation_point_id", str),
     "ingressInterface": ("cflow.inputint", str), "egressInterface": ("cflow.outputint", str),
     "flowStartSysUpTime": ("cflow.timestart", lambda v: f"{v // 1000}.{v % 1000:03d}000000"),
     "flowEndSysUpTime": ("cflow.timeend", lambda v: f"{v // 1000}.{v % 1000:03d}000000"),
@@ -341,30 +343,45 @@ def test_full_template_round_trip_collector_and_tshark(tmp_path, route_netns):
         collector, exporter = run_export([TemplateConfig(300, FULL)], records, route_resolver=resolver)
     finally:
         resolver.close()
-    assert [ft.family for ft in exporter.flow_templates] == [None]  # both families named: no derivation
+    # both families' addresses named: split, IPv4 flows without the IPv6 elements and the reverse
+    assert [(ft.template.id, ft.family, ft.derived) for ft in exporter.flow_templates] == \
+        [(300, 4, False), (301, 6, True)]
+    v4_only = {fields.canonical_name(n) for n in FULL if "IPv4" in n}
+    v6_only = {fields.canonical_name(n) for n in FULL if "IPv6" in n}
+    assert v4_only and v6_only
+    assert [set(e.name for e in ft.template.elements) & (v4_only | v6_only) for ft in exporter.flow_templates] == \
+        [v4_only, v6_only]
     check_with_collector(collector, exporter, records, 300, ROUTES)
     if shutil.which("tshark"):
         checked = check_with_tshark(tmp_path, collector, exporter, records, 300, ROUTES)
-        enterprise = sum(1 for name in FULL if fields.lookup(name).pen)
-        assert checked == len(records) * (len(FULL) - enterprise)  # all but the enterprise elements
+        # all but the enterprise elements
+        assert checked == sum(sum(1 for e in template_for(r, exporter, 300).elements if not e.pen) for r in records)
 
 
-def test_options_records_report_interfaces_and_ignored_packets():
+def test_options_records_report_observation_points_and_ignored_packets():
     stats = MeteringStats(observed_packets=1000, observed_octets=64000, ignored_packets=17, ignored_octets=1700,
-                          interfaces=((2, "veth0"), (3, "eth1")))
+                          ignored_first_ms=1_700_000_000_123, ignored_last_ms=1_700_000_009_456,
+                          observation_points=((2, 2, "veth0", "host"), ((5 << 32) | 2, 2, "eth0", "pod-a")))
     collector, exporter = run_export([TemplateConfig(256, MINIMAL)], make_records(), stats=stats)
     options = [r for m in collector.messages() for r in m.options_records]
     by_scope = {}
     for record in options:
         by_scope.setdefault(record.scope[0], []).append(record.values)
-    # the latest report of each kind (the first may predate export())
-    assert by_scope["ingressInterface"][-2:] == [{"ingressInterface": 2, "interfaceName": "veth0"},
-                                                  {"ingressInterface": 3, "interfaceName": "eth1"}]
+    # the latest report of each kind (the first may predate export()); two interfaces with ifindex 2, told
+    # apart by their observation point
+    assert by_scope["observationPointId"][-2:] == [
+        {"observationPointId": 2, "ingressInterface": 2, "interfaceName": "veth0", "networkNamespace": "host"},
+        {"observationPointId": (5 << 32) | 2, "ingressInterface": 2, "interfaceName": "eth0",
+         "networkNamespace": "pod-a"}]
     reliability = [v for v in by_scope["observationDomainId"] if "ignoredPacketTotalCount" in v][-1]
-    assert (reliability["observationDomainId"], reliability["ignoredPacketTotalCount"],
-            reliability["ignoredOctetTotalCount"]) == (4242, 17, 1700)
+    assert reliability == {"observationDomainId": 4242, "ignoredPacketTotalCount": 17, "ignoredOctetTotalCount": 1700,
+                           "observationTimeMilliseconds": [1_700_000_000_123, 1_700_000_009_456]}
+    process = [v for v in by_scope["observationDomainId"] if "systemInitTimeMilliseconds" in v][-1]
+    assert process == {"observationDomainId": 4242, "systemInitTimeMilliseconds": exporter.system_init_ms,
+                       "packetTotalCount": 1000, "octetTotalCount": 64000}
     exporting = by_scope["exportingProcessId"][-1]
-    assert (exporting["exportingProcessId"], exporting["notSentFlowTotalCount"]) == (77, 0)
+    assert exporting == {"exportingProcessId": 77, "notSentFlowTotalCount": 0, "notSentPacketTotalCount": 0,
+                         "notSentOctetTotalCount": 0, "observationTimeMilliseconds": [0, 0]}
 
 
 def wait_for_probe(port: int, path) -> None:
@@ -416,7 +433,7 @@ def test_live_capture_on_loopback_decodes_cleanly(tmp_path, transport):
         wait_for_probe(collector.port, path)
         exporter = IpfixExporter([CollectorConfig(f"127.0.0.1:{collector.port}", "127.0.0.1", collector.port,
                                                   transport)], [TemplateConfig(256, MINIMAL)], 4242)
-        exporter.export(records, MeteringStats(interfaces=((2, "veth0"),)))
+        exporter.export(records, MeteringStats(observation_points=((2, 2, "veth0", "host"),)))
         exporter.close(10)
         assert collector.wait_for(lambda c: c.data_records >= len(records), 10)
         wait_for_probe(collector.port, path)  # once a later probe is in the file, everything before is
@@ -428,3 +445,33 @@ def test_live_capture_on_loopback_decodes_cleanly(tmp_path, transport):
                          capture_output=True, text=True, check=True).stdout
     assert bad == ""
     assert decoded_pairs() == [(r.packets, r.octets) for r in records]
+
+
+def test_the_collector_names_each_records_interface_and_namespace():
+    """Two interfaces with ifindex 2 in two namespaces: the collector tells them apart by observation point."""
+    import io
+    import json
+
+    records = [r for r in make_records() if r.key.ip_version == 4][:2]
+    points = ((2, 2, "veth0", "host"), ((5 << 32) | 2, 2, "eth0", "pod-a"))
+    for record, point in zip(records, points):
+        record.observation_point_id = point[0]
+    template = TemplateConfig(256, MINIMAL + ("observationPointId", "ingressInterface"))
+    for json_lines in (False, True):
+        out = io.StringIO()
+        collector = Collector(out=out, err=None, json_lines=json_lines).start()
+        try:
+            config = CollectorConfig(f"127.0.0.1:{collector.port}", "127.0.0.1", collector.port, "udp")
+            exporter = IpfixExporter([config], [template], observation_domain_id=4242)
+            exporter.export(records, MeteringStats(observation_points=points))
+            exporter.close(10)
+            assert collector.wait_for(lambda c: len(c.records(256)) == 2, 10)
+        finally:
+            collector.stop()
+        lines = [line for line in out.getvalue().splitlines() if line.startswith("2") or '"template": 256' in line]
+        if json_lines:
+            assert [json.loads(line)["observationPoint"] for line in lines] == [
+                {"netns": "host", "interface": "veth0", "ifindex": 2},
+                {"netns": "pod-a", "interface": "eth0", "ifindex": 2}]
+        else:
+            assert [line.split()[6] for line in lines] == ["veth0@host", "eth0@pod-a"]

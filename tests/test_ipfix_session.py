@@ -150,7 +150,7 @@ def test_interfaces_reported_while_options_are_sent_still_precede_the_flows():
         exporter = IpfixExporter([config], (TemplateConfig(256, MINIMAL_TEMPLATE),), observation_domain_id=9,
                                  transport_factory=lambda c: GatedUdp(c.host, c.port))
         assert blocked.wait(10)
-        exporter.export(dummy_records(3), MeteringStats(interfaces=((7, "eth7"),)))
+        exporter.export(dummy_records(3), MeteringStats(observation_points=((7, 7, "eth7", "host"),)))
         gate.set()
         assert collector.wait_for(lambda c: c.data_records >= 3, 10)
         exporter.close(10)
@@ -160,7 +160,7 @@ def test_interfaces_reported_while_options_are_sent_still_precede_the_flows():
     order = []
     for message in collector.messages():
         for record in message.records:
-            if record.scope[:1] == ("ingressInterface",):
+            if record.scope[:1] == ("observationPointId",):
                 order.append(("interface", record.values["interfaceName"]))
             elif not record.scope:
                 order.append(("flow", None))

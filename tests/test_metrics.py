@@ -268,9 +268,9 @@ def test_template_records_are_counted_in_template_messages_only():
     exporter = IpfixExporter([], (TemplateConfig(256, MINIMAL_TEMPLATE),), 1)
     session = ExportSession(1, 1400, [ft.template for ft in exporter.flow_templates] + exporter.options.templates)
     messages = session.template_messages(0)
-    assert sum(template_records(m) for m in messages) == len(session.templates) == 6  # 2 flow + 4 options
+    assert sum(template_records(m) for m in messages) == len(session.templates) == 7  # 2 flow + 5 options
     small = ExportSession(1, 64, session.templates)  # one template per message
-    assert sum(template_records(m) for m in small.template_messages(0)) == 6
+    assert sum(template_records(m) for m in small.template_messages(0)) == 7
     assert template_records(session.withdrawal_message(0)) == 0
     groups = exporter.encode(dummy_records(8))
     assert all(template_records(p.message) == 0 for p in session.data_messages(groups, 0))
@@ -476,3 +476,20 @@ def test_the_daemon_builds_exporters_with_metered_transports():
     finally:
         for s in sink.sinks:
             s.close(0)
+
+
+def test_flows_no_template_selects_are_counted(registry):
+    udp = Collector(out=None, err=None).start()
+    exporter = IpfixExporter([collector_config(udp.port, "udp")],
+                             (TemplateConfig(256, MINIMAL_TEMPLATE, ip_versions=(4,), protocols=(6,)),), 3)
+    try:
+        AgentMetrics(registry, make_agent(sink=FanoutSink([exporter])))
+        records = dummy_records(40)
+        exporter.export(records, MeteringStats())
+        left = [r for r in records if (r.key.ip_version, r.key.protocol) != (4, 6)]
+        assert value(registry, "ipfix_unselected_flows_total") == len(left) > 0
+        assert value(registry, "ipfix_unselected_packets_total") == sum(r.packets for r in left)
+        wait(lambda: len(udp.records(256)) == len(records) - len(left), what="the TCP flows at the collector")
+    finally:
+        exporter.close(5)
+        udp.stop()

@@ -180,7 +180,7 @@ def test_conflicts_keep_the_older_exporter_and_name_both(spec_b, words):
 def test_a_merge_the_agent_rejects_is_a_conflict():
     # b's template does not fit a's collector's message size: found by the agent's own rules
     a = parse_exporter(body("a", collectors=[{"address": "127.0.0.1:4739", "maxMessageSize": 64}],
-                            templates=[{"id": 256, "fields": ["octetDeltaCount"]}]))
+                            templates=[{"id": 256, "fields": ["octetDeltaCount", "sourceIPv4Address"]}]))
     b = parse_exporter(body("b", "2026-01-02T00:00:00Z", collectors=[{"address": "127.0.0.2:4739"}],
                             templates=[{"id": 257, "fields": V4 + ["sourceIPv6Address", "destinationIPv6Address"]}]))
     result = plan([a, b], {"n": {}})
@@ -245,7 +245,7 @@ def test_previous_valid_spec_is_rendered_while_the_current_is_invalid():
     bad["spec"]["templates"][0]["fields"] = ["noSuchElement"]
     bad["metadata"]["annotations"] = {LAST_VALID_ANNOTATION: json.dumps(good["spec"])}
     exporter, error, previous = exporter_or_previous(bad)
-    assert previous and exporter.templates == ((256, tuple(V4)),)
+    assert previous and exporter.templates == ((256, tuple(V4), None),)
     assert error.startswith("spec.templates[0].fields: unknown information element 'noSuchElement'")
     del bad["metadata"]["annotations"]
     assert exporter_or_previous(bad)[0] is None
@@ -280,3 +280,19 @@ def test_agent_warnings_are_listed_but_leave_the_node_ready():
     assert result["nodeErrors"] == [{"node": "n1", "reason": "AgentWarning", "message": f"node n1: {warning}"}]
     ready, degraded = result["conditions"]
     assert (ready["status"], degraded["status"], degraded["reason"]) == ("True", "True", "AgentWarning")
+
+
+def test_template_selections_render_and_follow_the_agents_rules():
+    tcp = {"id": 256, "fields": V4 + ["tcpControlBits"], "select": {"protocols": ["tcp"]}}
+    rest = {"id": 257, "fields": list(V4), "select": {"ipVersion": [4]}}
+    exporter = parse_exporter(body("a", templates=[tcp, rest]))
+    doc = yaml.safe_load(plan([exporter], {"n": {}}).nodes["n"].text)
+    assert [(t["id"], t.get("select")) for t in doc["templates"]] == [(256, {"protocols": ["tcp"]}),
+                                                                      (257, {"ipVersion": [4]})]
+    # first match wins: a template that an earlier one leaves nothing to is a mistake, named by its spec path
+    with pytest.raises(SpecError, match=r"^spec.templates\[1\] \(id 257\): takes no flow"):
+        parse_exporter(body("b", templates=[dict(rest, id=256), dict(tcp, id=257)]))
+    # the same template id selecting other flows in two FlowExporters conflicts
+    other = parse_exporter(body("c", "2026-01-02T00:00:00Z", templates=[dict(tcp, select={"protocols": ["udp"]})]))
+    result = plan([exporter, other], {"n": {}})
+    assert "template id 256 selects {'protocols': ['udp']}" in result.conflicts["c"]["n"]

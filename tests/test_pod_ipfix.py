@@ -296,8 +296,9 @@ def test_tshark_shows_enterprise_type_ids_and_exact_strings(tmp_path, pen):
     assert bad == ""
     template_fields, data = tshark_pod_entries(path, collector.port,
                                                {ft.template.id for ft in exporter.flow_templates})
-    # the two templates (IPv4 256 and its IPv6 twin), each announcing ids 2..11 under the PEN
-    assert template_fields == [(POD_IDS[n], pen) for n in POD_NAMES] * 2
+    # the two templates (IPv4 256 and its IPv6 twin), each announcing ids 2..11 under the PEN, and the
+    # observation points options template its networkNamespace (id 1)
+    assert template_fields == [(POD_IDS[n], pen) for n in POD_NAMES] * 2 + [(1, pen)]
     want = [[(POD_IDS[n], values[n].encode()) for n in POD_NAMES if values[n]] for values in expected_in_wire_order()]
     assert data == want
     assert data[0][0] == (2, b"web-7d9f8b6c5-x2x4q") and data[2][0] == (7, "débug-shell".encode())

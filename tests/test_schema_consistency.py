@@ -226,3 +226,10 @@ def test_the_chart_mounts_bpffs_where_the_default_pin_path_is():
     assert mount == BPFFS and contract.DEFAULT_PIN_PATH.startswith(mount + "/")
     assert re.fullmatch(rules.PIN_PATH_PATTERN, contract.DEFAULT_PIN_PATH)
     assert chart_schema()["agent"]["properties"]["hostPaths"]["properties"]["bpffs"]["pattern"] == "^/"
+
+
+def test_template_selection_equals_the_agent_rules():
+    select = TEMPLATE["properties"]["select"]["properties"]
+    assert tuple(select["ipVersion"]["items"]["enum"]) == rules.SELECT_IP_VERSIONS
+    assert select["protocols"]["maxItems"] == rules.PROTOCOL_RANGE[1] - rules.PROTOCOL_RANGE[0] + 1
+    assert select["protocols"]["items"]["x-kubernetes-int-or-string"] is True

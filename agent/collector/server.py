@@ -1,8 +1,10 @@
 """A small IPFIX collector for demos and tests: UDP and TCP (optionally TLS) on one address.
 
 Templates are learned per transport session (UDP peer address, or TCP
-connection) and observation domain. Records are printed as a table or as
-JSON lines, as they arrive.
+connection) and observation domain, and so are observation points (the
+options records scoped by observationPointId): a record's interface shows
+as NAME@NETNS, unambiguous across network namespaces. Records are printed
+as a table or as JSON lines, as they arrive.
 
 Whatever arrives, it keeps serving: a malformed message is counted
 (``malformed``, per peer too) and skipped (a malformed TCP stream is
@@ -39,6 +41,7 @@ IDLE_TIMEOUT = 600.0  # s: exporters send options records every minute or so; a 
 RECEIVE_BUFFER = 4 << 20
 MAX_REPORTED_PEERS = 4096
 MAX_ERRORS = 1000
+MAX_POINTS = 65536  # observation points remembered, all exporters together
 
 
 class PeerReports:
@@ -103,17 +106,46 @@ def _json_value(value: Any) -> Any:
     return value
 
 
-def record_json(peer: Any, message: DecodedMessage, record: DecodedRecord) -> str:
+def record_json(peer: Any, message: DecodedMessage, record: DecodedRecord, point: tuple | None = None) -> str:
+    """One JSON line; ``point`` (netns, interface name, ifindex) adds the record's observation point."""
     data = {"peer": f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer),
             "domain": message.domain_id, "sequence": message.sequence, "template": record.template_id}
     if record.scope:
         data["scope"] = list(record.scope)
     data["fields"] = {k: _json_value(v) for k, v in record.values.items()}
+    if point is not None:
+        data["observationPoint"] = dict(zip(("netns", "interface", "ifindex"), point))
     return json.dumps(data)
 
 
 TABLE_HEADER = (f"{'start':<23} {'dur(s)':>7} {'proto':<6} {'source':<41} {'destination':<41} "
-                f"{'if':>4} {'dir':<3} {'packets':>9} {'octets':>12}")
+                f"{'interface':<16} {'dir':<3} {'packets':>9} {'octets':>12}")
+
+
+class ObservationPoints:
+    """observationPointId -> (netns, interface name, ifindex), per exporter and domain, from the options
+    records scoped by observationPointId: an ifindex alone is ambiguous across network namespaces."""
+
+    def __init__(self, limit: int = MAX_POINTS):
+        self.limit = limit  # the least recently learned go first: no sender grows this without bound
+        self._points: collections.OrderedDict[tuple, tuple[str, str, int]] = collections.OrderedDict()
+
+    def learn(self, peer: Any, domain: int, record: DecodedRecord) -> None:
+        v = record.values
+        if record.scope[:1] == ("observationPointId",):
+            key = (peer, domain, v["observationPointId"])
+            self._points[key] = (v.get("networkNamespace", ""), v.get("interfaceName", ""),
+                                 v.get("ingressInterface"))
+            self._points.move_to_end(key)
+            while len(self._points) > self.limit:
+                self._points.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._points)
+
+    def lookup(self, peer: Any, domain: int, record: DecodedRecord) -> tuple[str, str, int] | None:
+        point = record.values.get("observationPointId")
+        return None if point is None else self._points.get((peer, domain, point))
 
 
 def _endpoint(values: dict, side: str) -> str:
@@ -131,8 +163,12 @@ def _pod(values: dict, side: str) -> str:
     return f"{values.get(f'{side}PodNamespace', '')}/{name}" if name else "-"
 
 
-def record_line(record: DecodedRecord) -> str:
-    """A table row; records with pod elements get ``pods NAMESPACE/NAME -> NAMESPACE/NAME`` after it."""
+def record_line(record: DecodedRecord, point: tuple | None = None) -> str:
+    """A table row; records with pod elements get ``pods NAMESPACE/NAME -> NAMESPACE/NAME`` after it.
+
+    The interface column is ``NAME@NETNS`` when the record's observation point is known (``point``:
+    netns, name, ifindex), else the ifindex.
+    """
     v = record.values
     if record.scope:
         return f"options {record.template_id}: " + " ".join(f"{k}={_json_value(x)}" for k, x in v.items())
@@ -142,10 +178,12 @@ def record_line(record: DecodedRecord) -> str:
     duration = f"{(end - start) / 1000:.3f}" if start is not None and end is not None else "-"
     proto = v.get("protocolIdentifier")
     proto = PROTO_NAMES.get(proto, str(proto)) if proto is not None else "-"
-    ifindex = v.get("ingressInterface") or v.get("egressInterface") or "-"
+    interface = v.get("ingressInterface") or v.get("egressInterface") or "-"
+    if point is not None:
+        interface = f"{point[1]}@{point[0]}"
     direction = {0: "in", 1: "out"}.get(v.get("flowDirection"), "-")
     line = (f"{when:<23} {duration:>7} {proto:<6} {_endpoint(v, 'source'):<41} "
-            f"{_endpoint(v, 'destination'):<41} {ifindex!s:>4} {direction:<3} "
+            f"{_endpoint(v, 'destination'):<41} {interface!s:<16} {direction:<3} "
             f"{v.get('packetDeltaCount', '-')!s:>9} {v.get('octetDeltaCount', '-')!s:>12}")
     if "sourcePodName" in v or "destinationPodName" in v:
         line += f"  pods {_pod(v, 'source')} -> {_pod(v, 'destination')}"
@@ -178,6 +216,7 @@ class Collector:
         self.max_connections, self.idle_timeout = max_connections, idle_timeout
         self.store = TemplateStore(default_model(enterprise_number),
                                    **({} if max_templates is None else {"max_templates": max_templates}))
+        self.points = ObservationPoints()
         self._keep_at_most = None if keep is True else int(keep)
         self.keep = self._keep_at_most is None or self._keep_at_most > 0
         self.received: list[Received] = []  # a list: tests index and slice it
@@ -366,13 +405,16 @@ class Collector:
             return False
         lines = []
         for record in message.records:
+            if record.scope:
+                self.points.learn(key, message.domain_id, record)
+            point = self.points.lookup(key, message.domain_id, record)
             if self.json_lines:
-                lines.append(record_json(peer, message, record))
+                lines.append(record_json(peer, message, record, point))
             else:
                 if not self._header_printed and not record.scope:
                     lines.append(TABLE_HEADER)
                     self._header_printed = True
-                lines.append(record_line(record))
+                lines.append(record_line(record, point))
         for set_id in sorted(set(message.unknown_sets)):
             self.reports.report(peer_text(peer), "unknown-set", f"{transport} {peer_text(peer)} domain "
                                 f"{message.domain_id}: data set {set_id} without a known template skipped")

@@ -38,8 +38,13 @@ class CollectorConfig:
 
 @dataclass(frozen=True)
 class TemplateConfig:
+    """A template; ``ip_versions`` and ``protocols`` (``select``) narrow the flows it takes (empty: all
+    its address elements can carry). Each flow goes to the first template that selects it."""
+
     id: int
     fields: tuple[str, ...]
+    ip_versions: tuple[int, ...] = ()
+    protocols: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

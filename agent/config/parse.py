@@ -33,7 +33,8 @@ from .rules import (COLLECTOR_ADDRESS_MAX_LENGTH, COLLECTOR_ADDRESS_PATTERN, DEF
                     DEFAULT_TEMPLATE_REFRESH_SECONDS, DESCRIPTION_MAX_LENGTH, DRAIN_INTERVAL_MAX,
                     ELEMENT_NAME_MAX_LENGTH, ENTERPRISE_NUMBER_RANGE, INTERFACE_PATTERN_MAX_LENGTH,
                     JSON_LINES_STDOUT, MAX_FLOWS_RANGE, MESSAGE_SIZE_RANGE, NETNS_MAX_LENGTH,
-                    OBSERVATION_DOMAIN_ID_RANGE, PATH_MAX_LENGTH, PIN_PATH_PATTERN, PORT_RANGE, QUEUE_SIZE_RANGE,
+                    OBSERVATION_DOMAIN_ID_RANGE, PATH_MAX_LENGTH, PIN_PATH_PATTERN, PORT_RANGE, PROTOCOL_RANGE,
+                    QUEUE_SIZE_RANGE, SELECT_IP_VERSIONS,
                     SERVER_NAME_MAX_LENGTH, TEMPLATE_ID_RANGE, TEMPLATE_REFRESH_MESSAGES_RANGE,
                     TEMPLATE_REFRESH_SECONDS_MAX, TIMEOUT_MAX, TRANSPORTS)
 
@@ -211,7 +212,7 @@ def _template(data: Any, path: str) -> TemplateConfig:
     from ..export.ipfix.fields import check_template_fields
 
     data = _mapping(data, path)
-    _reject_unknown(data, ("id", "template", "fields"), path)
+    _reject_unknown(data, ("id", "template", "fields", "select"), path)
     if "id" not in data:
         raise ConfigError(f"{path}.id: required ({TEMPLATE_ID_RANGE[0]}..{TEMPLATE_ID_RANGE[1]})")
     template_id = _int(data["id"], f"{path}.id", *TEMPLATE_ID_RANGE)
@@ -230,7 +231,32 @@ def _template(data: Any, path: str) -> TemplateConfig:
         check_template_fields(names)
     except ValueError as err:
         raise ConfigError(f"{path}.{key}: {err}") from None
-    return TemplateConfig(template_id, names)
+    return TemplateConfig(template_id, names, *_template_selection(data.get("select"), f"{path}.select"))
+
+
+def _template_selection(data: Any, path: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``select: {ipVersion: 4 | 6 | [4, 6], protocols: [tcp, udp, 1, ...]}``: the flows a template takes."""
+    from ..export.ipfix.selection import protocol_number
+
+    data = _mapping(data, path)
+    _reject_unknown(data, ("ipVersion", "protocols"), path)
+    versions = data.get("ipVersion", [])
+    versions = versions if isinstance(versions, list) else [versions]
+    for version in versions:
+        if isinstance(version, bool) or version not in SELECT_IP_VERSIONS:
+            raise ConfigError(f"{path}.ipVersion: {show(version)} is not accepted; accepted: 4, 6 or [4, 6]")
+    protocols = data.get("protocols", [])
+    protocols = protocols if isinstance(protocols, list) else [protocols]
+    numbers = []
+    for i, protocol in enumerate(protocols):
+        try:
+            numbers.append(protocol_number(protocol))
+        except ValueError as err:
+            raise ConfigError(f"{path}.protocols[{i}]: {err}") from None
+    if "protocols" in data and not numbers:
+        raise ConfigError(f"{path}.protocols: empty; accepted: protocol names or numbers "
+                          f"{PROTOCOL_RANGE[0]}..{PROTOCOL_RANGE[1]} (leave the key out for every protocol)")
+    return tuple(sorted(set(versions))), tuple(sorted(set(numbers)))
 
 
 def _netns(value: Any, path: str) -> str:
@@ -369,11 +395,21 @@ def _pin_path(value: Any) -> str:
     return path
 
 
-def _check_template_fits(template: TemplateConfig, collector: CollectorConfig, path: str) -> None:
-    from ..export.ipfix.fields import fixed_record_length
+def _check_template_selection(templates: tuple[TemplateConfig, ...]) -> None:
+    from ..export.ipfix.selection import plan_templates
 
-    # Message header (16) + set header (4) + one record must fit, or nothing is ever sent.
-    need = 16 + 4 + fixed_record_length(template.fields)
+    try:
+        plan_templates(templates)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _check_template_fits(template: TemplateConfig, collector: CollectorConfig, path: str) -> None:
+    from ..export.ipfix.selection import record_lengths
+
+    # Message header (16) + set header (4) + one record must fit, or nothing is ever sent; a template
+    # may be sent as two (split per family, or a derived counterpart): the larger decides.
+    need = 16 + 4 + max(record_lengths(template))
     if need > collector.max_message_size:
         raise ConfigError(f"{path}: {collector.max_message_size} octets cannot hold one record of template "
                           f"{template.id} ({need} octets with headers); accepted: >= {need}")
@@ -397,6 +433,7 @@ def parse_config(data: Any) -> AgentConfig:
             raise ConfigError(f"templates[{i}].id: {template.id} is already used by templates[{seen[template.id]}];"
                               f" accepted: unique ids {TEMPLATE_ID_RANGE[0]}..{TEMPLATE_ID_RANGE[1]}")
         seen[template.id] = i
+    _check_template_selection(templates)
     if collectors and not templates:
         raise ConfigError("templates: collectors are configured but no template says what to export")
     for i, collector in enumerate(collectors):

@@ -42,6 +42,8 @@ TEMPLATE_ID_RANGE = (256, 65_535)  # RFC 7011 3.4.1: 0..255 are set ids
 ELEMENT_NAME_MAX_LENGTH = 128
 # An element name, optionally with a reduced size in octets (tcpControlBits:1); fields.py checks the rest.
 ELEMENT_FIELD_PATTERN = r"^[A-Za-z][A-Za-z0-9_]*(:[0-9]{1,2})?$"
+SELECT_IP_VERSIONS = (4, 6)  # select.ipVersion
+PROTOCOL_RANGE = (0, 255)  # select.protocols: IANA protocol numbers (or names, export/ipfix/selection.py)
 
 # ---- interfaces -----------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTMGRP_LINK
 
+from ..flows.record import observation_point_id
 from . import tc
 from .ifselect import Selector, matches_any
 from .netns import NetnsNotFound, NetnsRef, netns_cookie, open_iproute
@@ -197,9 +198,11 @@ class AttachmentManager:
                 if (netns_id, ifindex) not in self._recent:
                     self._remember(netns_id, ifindex, name)
 
-    def interface_table(self) -> list[tuple[int, str]]:
-        """(ifindex, name) of every attached interface, for interface tables."""
-        return sorted({(a.ifindex, a.ifname) for a in self.attached()})
+    def observation_points(self) -> list[tuple[int, int, str, str]]:
+        """(observationPointId, ifindex, name, netns label) of every attached interface."""
+        with self._lock:
+            return sorted((observation_point_id(w.netns_id, idx), idx, name, self.netns_ids.label(w.netns_id))
+                          for w in self._watches.values() for idx, name in w.attached.items())
 
     def netns_id(self, netns: NetnsRef | str) -> int | None:
         with self._lock:

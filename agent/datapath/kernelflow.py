@@ -16,7 +16,7 @@ KEY = struct.Struct("=IHBB16s16sHHB3x")
 # struct flow_value: packets, bytes, first_ns, last_ns, fragment_id, vlan_id, inner_vlan_id,
 # tcp_flags, min_ttl, max_ttl, tos, pad
 VALUE = struct.Struct("=QQQQIHHBBBB4x")
-UNMETERED = struct.Struct("=QQ")
+UNMETERED = struct.Struct("=QQQQ")  # packets, octets, first and last ns
 assert KEY.size == 48 and VALUE.size == 48
 
 # Per-CPU values come back padded to 8 octets each; decode_table steps through
@@ -75,7 +75,16 @@ def _decode(keys, values, count: int, cpus: int) -> list[tuple[int, FlowKey, Flo
 def sum_unmetered(raw: bytes, cpus: int) -> tuple[int, int]:
     packets = octets = 0
     for cpu in range(cpus):
-        p, o = UNMETERED.unpack_from(raw, cpu * UNMETERED_STRIDE)
+        p, o, _first, _last = UNMETERED.unpack_from(raw, cpu * UNMETERED_STRIDE)
         packets += p
         octets += o
     return packets, octets
+
+
+def unmetered_times(raw: bytes, cpus: int) -> tuple[int, int] | None:
+    """(first, last) kernel monotonic ns of the packets a full table could not meter; None if none."""
+    times = [UNMETERED.unpack_from(raw, cpu * UNMETERED_STRIDE) for cpu in range(cpus)]
+    seen = [(first, last) for packets, _octets, first, last in times if packets]
+    if not seen:
+        return None
+    return min(first for first, _ in seen), max(last for _, last in seen)

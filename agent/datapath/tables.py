@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from . import bpfsys
 from ..flows.record import FlowCounters, FlowKey
-from .kernelflow import KEY, UNMETERED_STRIDE, VALUE_STRIDE, decode_table, encode_key, sum_unmetered
+from .kernelflow import (KEY, UNMETERED_STRIDE, VALUE_STRIDE, decode_table, encode_key, sum_unmetered,
+                         unmetered_times)
 
 FLOW_TABLES = ("flows_a", "flows_b")
 ACTIVE_SLOT = "active_table"
@@ -203,3 +204,8 @@ class FlowTables:
         """Cumulative (packets, octets) the kernel could not meter: table full."""
         raw = bpfsys.lookup(self.full_fd, ZERO, UNMETERED_STRIDE * self.cpus)
         return sum_unmetered(raw, self.cpus) if raw else (0, 0)
+
+    def unmetered_times(self) -> tuple[int, int] | None:
+        """Kernel monotonic ns of the first and last packet counted in unmetered(); None before the first."""
+        raw = bpfsys.lookup(self.full_fd, ZERO, UNMETERED_STRIDE * self.cpus)
+        return unmetered_times(raw, self.cpus) if raw else None

@@ -16,11 +16,14 @@ class MeteringStats:
     observed_packets: int = 0
     observed_octets: int = 0
     exported_flows: int = 0
-    # Packets and octets the kernel could not meter because its table was full.
+    # Packets and octets the kernel could not meter because its table was full, and the wall-clock
+    # ms of the first and the last of them (0: none yet).
     ignored_packets: int = 0
     ignored_octets: int = 0
-    # ifindex -> interface name of every attached interface, for interface tables.
-    interfaces: tuple[tuple[int, str], ...] = ()
+    ignored_first_ms: int = 0
+    ignored_last_ms: int = 0
+    # (observationPointId, ifindex, interface name, netns) of every attached interface.
+    observation_points: tuple[tuple[int, int, str, str], ...] = ()
 
 
 class FlowSink(Protocol):

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from .record import TCP_FIN, TCP_RST, EndReason, FlowCounters, FlowKey, FlowRecord
+from .record import TCP_FIN, TCP_RST, EndReason, FlowCounters, FlowKey, FlowRecord, observation_point_id
 
 CacheKey = tuple[int, FlowKey]  # (netns_id, key)
 # (netns_id, ifindex) -> (netns name, interface name)
@@ -84,7 +84,7 @@ class FlowCache:
             start_ns=counters.first_ns + offset, end_ns=counters.last_ns + offset, end_reason=reason,
             tcp_flags=counters.tcp_flags, min_ttl=counters.min_ttl, max_ttl=counters.max_ttl, tos=counters.tos,
             vlan_id=counters.vlan_id, inner_vlan_id=counters.inner_vlan_id, fragment_id=counters.fragment_id,
-            interface_name=ifname, netns=netns)
+            interface_name=ifname, netns=netns, observation_point_id=observation_point_id(netns_id, key.ifindex))
 
     def _gone(self, cache_key: CacheKey) -> None:
         self._changed.pop(cache_key, None)

@@ -128,6 +128,7 @@ class FlowRecord:
     fragment_id: int = 0
     interface_name: str = ""
     netns: str = ""
+    observation_point_id: int = 0  # (netns id, ifindex): observation_point_id()
 
     @property
     def start_ms(self) -> int:
@@ -136,3 +137,9 @@ class FlowRecord:
     @property
     def end_ms(self) -> int:
         return self.end_ns // 1_000_000
+
+
+def observation_point_id(netns_id: int, ifindex: int) -> int:
+    """The IPFIX observationPointId of an interface: an ifindex is unique only within its network
+    namespace, so the agent's netns id goes in the upper 32 bits (host interfaces: the ifindex)."""
+    return (netns_id << 32) | ifindex

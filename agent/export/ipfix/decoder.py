@@ -157,6 +157,9 @@ class TemplateStore:
 def _record_decoder(template: DecodedTemplate) -> Callable[[bytes, int, int], tuple[dict, int]]:
     """``decode(data, offset, end) -> (values, next offset)``; MalformedMessage on overrun."""
     plan = [(e.name, e.length, _converter(e, e.length)) for e in template.elements]
+    names = [e.name for e in template.elements]
+    # An element a template repeats (RFC 7011 4.2: first and last observationTime*) decodes to a list.
+    repeated = {n for n in names if names.count(n) > 1}
 
     def decode(data: bytes, offset: int, end: int) -> tuple[dict, int]:
         values = {}
@@ -174,7 +177,10 @@ def _record_decoder(template: DecodedTemplate) -> Callable[[bytes, int, int], tu
             if offset + length > end:
                 raise MalformedMessage(f"template {template.id}: {name}: {length} octets run past the set end "
                                        f"at offset {offset}")
-            values[name] = convert(data[offset:offset + length])
+            if name in repeated:
+                values.setdefault(name, []).append(convert(data[offset:offset + length]))
+            else:
+                values[name] = convert(data[offset:offset + length])
             offset += length
         return values, offset
 

@@ -55,7 +55,7 @@ def send_dummy(collectors: Sequence, templates: Sequence, count: int, observatio
 
     exporter = IpfixExporter(collectors, templates, observation_domain_id, enterprise_number)
     try:
-        exporter.export(dummy_records(count), MeteringStats(interfaces=((1, "dummy1"), (2, "dummy2"))))
+        exporter.export(dummy_records(count), MeteringStats(observation_points=((1, 1, "dummy1", "host"), (2, 2, "dummy2", "host"))))
     finally:
         exporter.close(timeout)
     return exporter.counters()

@@ -1,7 +1,9 @@
 """The IPFIX exporting process: a FlowSink sending to one or more collectors.
 
-``export()`` encodes each chunk of records once per template (in the
-caller's thread, no network) and offers it to every collector session. Each
+``export()`` encodes each record under the one template that selects it
+(selection.py; in the caller's thread, no network) and offers the chunk to
+every collector session: each flow is in exactly one data record per
+collector. Records no template selects are counted and reported. Each
 session has a bounded queue and its own sender thread, so an unreachable or
 slow collector never blocks export() or the other collectors; a chunk that
 does not fit a session's queue is dropped for that collector and counted
@@ -52,7 +54,8 @@ from ..sink import MeteringStats
 from . import fields
 from .message import HEADER_LENGTH, SET_HEADER_LENGTH
 from .options import ExportCounters, OptionsReporter
-from .session import ExportSession, FlowTemplate, build_flow_templates, free_ids
+from .selection import describe_protocols, free_ids, route_table, unselected
+from .session import ExportSession, FlowTemplate, build_flow_templates
 from .template import Template
 from .transport import TransportError, make_transport
 
@@ -61,6 +64,18 @@ log = logging.getLogger(__name__)
 DEFAULT_CHUNK = 1024
 PROBE_WAIT = 0.25  # s a probe (or the last message) must go unrefused before the collector counts as up
 REFUSED = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN}
+UNSELECTED_LOG_INTERVAL = 60.0  # seconds between reports of flows no template takes
+
+
+@dataclass
+class Unselected:
+    """Flow records no template selected (not exported), and when that was last reported."""
+
+    flows: int = 0
+    packets: int = 0
+    octets: int = 0
+    reported_flows: int = 0
+    reported_at: float = float("-inf")
 
 
 def system_init_ms() -> int:
@@ -543,9 +558,10 @@ class CollectorSession:
 class IpfixExporter:
     """FlowSink exporting IPFIX to every collector in ``collectors`` (CollectorConfig).
 
-    ``templates`` are TemplateConfig (id, fields); every record is exported
-    once per template (IPv6 records of an IPv4-only template go to its derived
-    counterpart, and vice versa). ValueError for bad templates or TLS files.
+    ``templates`` are TemplateConfig (id, fields, selection); every record is
+    exported under the one template that selects it (selection.py), records
+    no template selects are counted in ``unselected`` and reported in the log.
+    ValueError for bad templates or TLS files.
     ``pod_lookup`` (a podmeta.PodIndex, or any ``lookup(packed_address)``
     giving the five encoded pod values) fills the pod elements; without it
     they are empty strings.
@@ -562,8 +578,8 @@ class IpfixExporter:
         self.system_init_ms = system_init_ms()
         self.flow_templates: list[FlowTemplate] = build_flow_templates(templates, enterprise_number)
         ids = free_ids(ft.template.id for ft in self.flow_templates)
-        self.options = OptionsReporter([next(ids) for _ in range(4)], observation_domain_id,
-                                       self.exporting_process_id, self.system_init_ms)
+        self.options = OptionsReporter([next(ids) for _ in range(OptionsReporter.COUNT)], observation_domain_id,
+                                       self.exporting_process_id, self.system_init_ms, enterprise_number)
         for collector in collectors:
             for ft in self.flow_templates:
                 need = HEADER_LENGTH + SET_HEADER_LENGTH + ft.template.min_record_length
@@ -583,8 +599,19 @@ class IpfixExporter:
                                               pods=pod_lookup, family=family)
 
         # one packer per template and address family, so no record tests its family field by field
-        self._packers = [{f: packer(ft.template, f) for f in ((4, 6) if ft.family is None else (ft.family,))}
-                         for ft in self.flow_templates]
+        self._packers = [{f: packer(ft.template, f) for f in sorted(ft.plan.versions)} for ft in self.flow_templates]
+        plans = [ft.plan for ft in self.flow_templates]
+        self._route = route_table(plans)  # (IP version, protocol) -> template index
+        # without protocol selections the IP version alone decides: no per-record lookup
+        self._by_version = None if any(p.protocols is not None for p in plans) else \
+            {v: self._route.get((v, 0)) for v in (4, 6)}
+        self.unselected = Unselected()
+        for version, protocols in unselected(plans).items():
+            taken = set(range(256)) - set(protocols)
+            what = "every protocol" if not taken else f"protocol {describe_protocols(protocols)}" \
+                if len(protocols) < 128 else f"every protocol but {describe_protocols(taken)}"
+            log.warning("no template selects IPv%d flows of %s: they are not exported (counted in "
+                        "kipfix_agent_ipfix_unselected_flows_total)", version, what)
         self._fixed = [0 if ft.template.variable else ft.template.min_record_length for ft in self.flow_templates]
         self._reduced = any(e.reduced for ft in self.flow_templates for e in ft.template.elements)
         self._saturation_reported: set[tuple[int, str]] = set()
@@ -604,37 +631,78 @@ class IpfixExporter:
             self.close(0)
             raise
         for ft in self.flow_templates:
-            log.info("IPFIX template %d (%s): %s", ft.template.id,
-                     "all flows" if ft.family is None else f"IPv{ft.family} flows",
+            log.info("IPFIX template %d (%s): %s", ft.template.id, ft.plan.describe(),
                      ", ".join(e.name for e in ft.template.elements))
+
+    def _partition(self, records: Sequence[FlowRecord]) -> tuple[dict, list]:
+        """{(template index, IP version): [records]} and the records no template selects."""
+        parts: dict[tuple[int, int], list] = {}
+        left: list = []
+        if self._by_version is not None:
+            v4 = [r for r in records if r.key.ip_version == 4]
+            split = ((4, v4), (6, [r for r in records if r.key.ip_version != 4] if len(v4) < len(records) else []))
+            for version, chosen in split:
+                if chosen:
+                    index = self._by_version[version]
+                    if index is None:
+                        left += chosen
+                    else:
+                        parts[(index, version)] = chosen
+            return parts, left
+        route = self._route
+        for r in records:
+            key = r.key
+            index = route.get((key.ip_version, key.protocol))
+            if index is None:
+                left.append(r)
+            else:
+                parts.setdefault((index, key.ip_version), []).append(r)
+        return parts, left
 
     def encode(self, records: Sequence[FlowRecord]) -> tuple:
         """``(template id, [record bytes], fixed length or 0)`` groups for ``records``.
 
-        Within a template's group, IPv4 records come before IPv6 records.
+        Every record is in exactly one group: that of the first template that
+        selects it; within a group, IPv4 records come before IPv6 records.
+        Records no template selects are counted in ``unselected``.
         """
-        return self._encode(records)[0]
+        return self._encode(*self._partition(records))[0]
 
-    def _encode(self, records: Sequence[FlowRecord]) -> tuple[tuple, tuple]:
+    def _encode(self, parts: dict, left: list) -> tuple[tuple, tuple]:
         """The groups, and per group the records behind its bytes, in the same order."""
-        v4 = [r for r in records if r.key.ip_version == 4]
-        by_family = {4: v4, 6: [r for r in records if r.key.ip_version != 4] if len(v4) < len(records) else []}
+        if left:
+            self._count_unselected(left)
         groups = []
         sources = []
-        for ft, packers, fixed in zip(self.flow_templates, self._packers, self._fixed):
+        for index, (ft, packers, fixed) in enumerate(zip(self.flow_templates, self._packers, self._fixed)):
             encoded = []
             behind: list = []
-            for family, pack in packers.items():  # IPv4 records first, then IPv6
-                if by_family[family]:
-                    encoded += pack(by_family[family])
-                    behind += by_family[family]
+            for version, pack in packers.items():  # IPv4 records first, then IPv6
+                chosen = parts.get((index, version))
+                if chosen:
+                    encoded += pack(chosen)
+                    behind += chosen
             if encoded:
                 groups.append((ft.template.id, encoded, fixed))
                 sources.append(behind)
         return tuple(groups), tuple(sources)
 
+    def _count_unselected(self, records: list) -> None:
+        counts = self.unselected
+        counts.flows += len(records)
+        counts.packets += sum(r.packets for r in records)
+        counts.octets += sum(r.octets for r in records)
+        now = time.monotonic()
+        if now - counts.reported_at >= UNSELECTED_LOG_INTERVAL:
+            key = records[0].key
+            log.warning("%d flow records no template selects were not exported (%d packets, %d octets in all "
+                        "so far), for example IPv%d protocol %d %s -> %s; select them with a template's "
+                        "select.ipVersion / select.protocols", counts.flows - counts.reported_flows,
+                        counts.packets, counts.octets, key.ip_version, key.protocol, key.src_ip, key.dst_ip)
+            counts.reported_flows, counts.reported_at = counts.flows, now
+
     def export(self, records: Sequence[FlowRecord], stats: MeteringStats) -> None:
-        interfaces_changed = stats.interfaces != self.stats.interfaces
+        interfaces_changed = stats.observation_points != self.stats.observation_points
         self.stats = stats
         if interfaces_changed:
             for session in self.sessions:
@@ -642,10 +710,11 @@ class IpfixExporter:
         if not self.sessions:
             return
         for start in range(0, len(records), self.chunk_size):
-            chunk = records[start:start + self.chunk_size]
-            groups, sources = self._encode(chunk)
-            batch = Batch(self._next_serial, groups, sources, len(chunk), sum(r.packets for r in chunk),
-                          sum(r.octets for r in chunk))
+            parts, left = self._partition(records[start:start + self.chunk_size])
+            chosen = [r for part in parts.values() for r in part]
+            groups, sources = self._encode(parts, left)
+            batch = Batch(self._next_serial, groups, sources, len(chosen), sum(r.packets for r in chosen),
+                          sum(r.octets for r in chosen))
             self._next_serial += 1
             for session in self.sessions:
                 session.offer(batch)

@@ -38,14 +38,16 @@ class Packed:
 
 def pack_sets(sets: Sequence[tuple], *, max_size: int, export_time: int,
               sequence: int, domain: int, data: bool = True,
-              skip_too_large: list | None = None) -> Iterator[Packed]:
+              skip_too_large: list | None = None, separate: frozenset = frozenset()) -> Iterator[Packed]:
     """Pack ``(set id, [record bytes][, fixed record length])`` groups into messages of at most ``max_size`` octets.
 
     Groups stay in order; a group spans messages when it must. ``sequence`` is
     the sequence number of the first message; it advances by the records of
     each message when ``data`` is true (data sets), not for template sets.
     A record too large for any message raises RecordTooLarge, or is skipped and
-    appended to ``skip_too_large`` when that list is given.
+    appended to ``skip_too_large`` when that list is given. Consecutive groups
+    of one set id continue one set, except for set ids in ``separate``: each of
+    their groups is a set of its own.
     """
     limit = min(max_size, MAX_MESSAGE_SIZE) - HEADER_LENGTH
     # The message being filled, as the parts of one join: parts[0] is its header and
@@ -64,7 +66,7 @@ def pack_sets(sets: Sequence[tuple], *, max_size: int, export_time: int,
     open_id = None  # set id of the open set: a following group of the same id continues it
     for set_index, group in enumerate(sets):
         set_id, records = group[0], group[1]
-        if open_set and set_id != open_id:
+        if open_set and (set_id != open_id or set_id in separate):
             parts[open_set] = SET_HEADER.pack(open_id, used - set_start)
             open_set = 0
         fixed = group[2] if len(group) > 2 else 0

@@ -1,8 +1,7 @@
 """Per transport session and observation domain state (RFC 7011 8, 10).
 
-- Template IDs: configured templates keep their IDs; a template that names
-  addresses of only one family gets a derived counterpart for the other
-  family (same fields, other addresses) under a free ID, which is logged.
+- Template IDs: configured templates keep their IDs; split parts and
+  derived counterparts (selection.py) get free IDs, which are logged.
 - Sequence number: data records sent before this message in this session
   and domain, modulo 2^32. Template and options template sets do not advance
   it; options data records do (they are data records).
@@ -12,10 +11,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 from . import fields
 from .message import OPTIONS_TEMPLATE_SET_ID, TEMPLATE_SET_ID, Packed, pack_sets
+from .selection import TemplatePlan, plan_templates
 from .template import Template
 
 log = logging.getLogger(__name__)
@@ -23,30 +23,22 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class FlowTemplate:
-    """A template for flow records, and which records it takes.
+    """A template for flow records, and which records it takes (selection.TemplatePlan).
 
-    ``family`` is 4 or 6 when it takes only records of that IP version, None
-    when it takes all. ``configured_id`` is the config template it came from.
+    ``family`` is 4 or 6 when it carries only that IP version's addresses,
+    None when it takes both. ``configured_id`` is the config template it came from.
     """
 
     template: Template
     family: int | None
     configured_id: int
     derived: bool = False
-
-
-def free_ids(used: Iterable[int]) -> Iterator[int]:
-    """Unused template IDs: above the highest used one first, then from 256 up."""
-    used = set(used)
-    top = max(used, default=255)
-    for candidate in list(range(top + 1, 65536)) + list(range(256, top)):
-        if candidate not in used:
-            used.add(candidate)
-            yield candidate
+    plan: TemplatePlan | None = None
 
 
 def build_flow_templates(configs: Sequence, enterprise_number: int) -> list[FlowTemplate]:
-    """Compile config templates (objects with ``id`` and ``fields``) plus derived counterparts."""
+    """Compile config templates (``id``, ``fields``, optional ``ip_versions``/``protocols``) into
+    the templates to send, each flow taken by exactly one of them (selection.plan_templates)."""
     seen: set[int] = set()
     for config in configs:
         if not 256 <= config.id <= 65535:
@@ -55,20 +47,15 @@ def build_flow_templates(configs: Sequence, enterprise_number: int) -> list[Flow
             raise ValueError(f"template id {config.id} is used twice; accepted: unique ids 256..65535")
         seen.add(config.id)
         fields.check_template_fields(config.fields)
-    ids = free_ids(seen)
     result = []
-    for config in configs:
-        family = fields.template_family(config.fields)
-        result.append(FlowTemplate(Template(config.id, fields.elements(config.fields, enterprise_number)),
-                                   family, config.id))
-        other = fields.counterpart(config.fields)
-        if other is not None:
-            derived_id = next(ids)
-            other_family = 6 if family == 4 else 4
-            log.info("template %d names only IPv%d addresses: IPv%d flows use derived template %d",
-                     config.id, family, other_family, derived_id)
-            result.append(FlowTemplate(Template(derived_id, fields.elements(other, enterprise_number)),
-                                       other_family, config.id, derived=True))
+    for plan in plan_templates(configs):
+        configured_id = configs[plan.source].id
+        if plan.derived:
+            how = "derived counterpart, for what no configured template takes" if plan.fallback else \
+                "the IPv6 part of a template naming both families' addresses"
+            log.info("template %d (%s) is template %d's %s", plan.id, plan.describe(), configured_id, how)
+        result.append(FlowTemplate(Template(plan.id, fields.elements(plan.names, enterprise_number)), plan.family,
+                                   configured_id, plan.derived, plan))
     return result
 
 
@@ -88,14 +75,18 @@ class ExportSession:
         self.messages_since_templates = 0
 
     def template_messages(self, export_time: int) -> list[bytes]:
-        """All templates and options templates; does not advance the sequence number."""
+        """All templates and options templates; does not advance the sequence number.
+
+        Data templates share one set; each options template has a set of its own
+        (pmacct's nfacctd reads only the first options template of a set).
+        """
         data = [t.record() for t in self.templates if not t.is_options]
-        options = [t.record() for t in self.templates if t.is_options]
-        groups = [(sid, recs) for sid, recs in ((TEMPLATE_SET_ID, data), (OPTIONS_TEMPLATE_SET_ID, options))
-                  if recs]
+        groups = [(TEMPLATE_SET_ID, data)] if data else []
+        groups += [(OPTIONS_TEMPLATE_SET_ID, [t.record()]) for t in self.templates if t.is_options]
         self.messages_since_templates = 0
         return [p.message for p in pack_sets(groups, max_size=self.max_message_size, export_time=export_time,
-                                             sequence=self.sequence, domain=self.domain_id, data=False)]
+                                             sequence=self.sequence, domain=self.domain_id, data=False,
+                                             separate=frozenset((OPTIONS_TEMPLATE_SET_ID,)))]
 
     def withdrawal_message(self, export_time: int) -> bytes:
         """Withdraw all (data) templates (RFC 7011 8.1), before closing a TCP session; never over UDP.
