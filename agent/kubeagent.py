@@ -130,6 +130,13 @@ class KubeAgent(Agent):
             self.dedup.set_pairs(self._veth_pairs())
         return self.dedup.filter(flows, self.cache.__contains__, final)
 
+    def held_flows(self) -> list:
+        return list(self.dedup.held())
+
+    def restore_held(self, flows: list) -> None:
+        self.dedup.hold(flows)  # judged at the first drain with pods known, as before the restart
+        self._restored_held = []
+
     def _veth_pairs(self) -> dict:
         """host-side end -> pod-side end, for metered pods whose veth is metered outside too."""
         from .datapath.netns import NetnsRef
@@ -248,6 +255,7 @@ class KubernetesMode:
         self._agent_lock = threading.Lock()
         self.metrics_registry = metrics_registry  # None: prometheus_client's global registry
         self.serve_metrics = serve_metrics  # False: no metrics server (tests running several modes in one process)
+        self.metrics_settings = None  # a MetricsConfig from --metrics-config: replaces the ConfigMap's
 
     # -- config ---------------------------------------------------------------------
 
@@ -443,9 +451,11 @@ class KubernetesMode:
         agent, first, digest = started
         if hasattr(agent, "start_pods"):
             agent.start_pods(self.api, self.node)
-        if self.serve_metrics and first.metrics.enabled:  # as run_agent: the first config's settings hold
+        settings = self.metrics_settings or first.metrics  # as run_agent: the first config's settings hold
+        if self.serve_metrics and settings.enabled:
             from .metrics import start_agent_metrics
-            start_agent_metrics(agent, first.metrics.address, first.metrics.port, self.metrics_registry)
+            start_agent_metrics(agent, settings.address, settings.port, self.metrics_registry, tls=settings.tls,
+                                basic_auth=settings.basic_auth)
         self._applied(digest, None, None)
         with self._agent_lock:
             self.agent = agent
@@ -463,8 +473,12 @@ class KubernetesMode:
 
 
 def run_kubernetes_agent(keep_attached: bool = False, node: str | None = None,
-                         namespace: str | None = None) -> int:
-    """Entry for ``kipfix agent --kubernetes``."""
+                         namespace: str | None = None, metrics_config: str | None = None) -> int:
+    """Entry for ``kipfix agent --kubernetes``; ``metrics_config``: a file with the ``metrics:``
+    section to use (the ConfigMap's has none)."""
+    from .config import load_metrics_config
+    from .config.resolve import resolve_metrics
+
     node = node or os.environ.get("NODE_NAME", "")
     if not node:
         log.error("--kubernetes needs the node name in NODE_NAME (downward API: fieldRef spec.nodeName)")
@@ -474,7 +488,17 @@ def run_kubernetes_agent(keep_attached: bool = False, node: str | None = None,
     except ConfigError as err:
         log.error("%s%s", f"{PIN_PATH_ENV}: " if os.environ.get(PIN_PATH_ENV) else "", err)
         return 2
+    settings = None
+    if metrics_config:
+        try:
+            settings = load_metrics_config(metrics_config)
+            if settings.enabled:
+                resolve_metrics(settings, metrics_config)
+        except ConfigError as err:
+            log.error("%s", err)
+            return 2
     mode = KubernetesMode(node, namespace or default_namespace(), keep_attached=keep_attached)
+    mode.metrics_settings = settings
     signal.signal(signal.SIGTERM, mode.request_stop)
     signal.signal(signal.SIGINT, mode.request_stop)
     return mode.run()

@@ -98,15 +98,21 @@ def error_reason(err: BaseException) -> str:
 
 
 class MeteredTransport:
-    """Wraps an IPFIX transport; counts failed connects/sends by reason, templates
-    sent, and the time of the last successful send. Otherwise transparent."""
+    """Wraps an IPFIX transport; counts failed connects/sends by reason (an ICMP error about an
+    earlier UDP message counts as a failed send), templates sent, and the time of the last
+    message delivered. Otherwise transparent."""
 
     def __init__(self, inner: Any):
         self.inner = inner
         self._lock = threading.Lock()
         self._errors: collections.Counter[tuple[str, str]] = collections.Counter()
         self.templates_sent = 0
-        self.last_success = 0.0  # Unix time of the last message sent; 0 before the first
+
+    @property
+    def last_success(self) -> float:
+        """Unix time of the last message delivered (UDP: sent, and no ICMP error came back for it
+        in a moment); 0 before the first."""
+        return self.inner.last_delivered
 
     @property
     def stream(self) -> bool:
@@ -132,16 +138,24 @@ class MeteredTransport:
             self._count_error("connect", err)
             raise
 
-    def send(self, message: bytes) -> None:
+    def send(self, message: bytes) -> int | None:
         try:
-            self.inner.send(message)
+            stream_end = self.inner.send(message)
         except OSError as err:
             self._count_error("send", err)
             raise
         templates = template_records(message)
-        with self._lock:
-            self.templates_sent += templates
-            self.last_success = time.time()
+        if templates:
+            with self._lock:
+                self.templates_sent += templates
+        return stream_end
+
+    def check(self, settle: float = 0.0) -> None:
+        try:
+            self.inner.check(settle)
+        except OSError as err:
+            self._count_error("send", err)
+            raise
 
     def alive(self) -> bool:
         return self.inner.alive()
@@ -233,9 +247,12 @@ class AgentCollector(Collector):
                       ("collector",)), lambda f: self._per_session(f, lambda s: s.counters.records)),
             (_counter("ipfix_bytes", "Octets of IPFIX messages sent, per collector", ("collector",)),
              lambda f: self._per_session(f, lambda s: s.counters.octets)),
-            (_counter("ipfix_dropped_flows", "Flow records not sent to a collector: its queue was full, "
-                      "the record exceeded maxMessageSize, or it was still queued at shutdown",
-                      ("collector",)), lambda f: self._per_session(f, lambda s: s.counters.not_sent_flows)),
+            (_counter("ipfix_dropped_flows", "Flow records a collector did not get, per reason: queue_full, "
+                      "too_large (exceeds maxMessageSize), refused (UDP: the collector's host answered ICMP "
+                      "unreachable), unacknowledged (TCP/TLS: the connection died before the collector's TCP "
+                      "acknowledged them), not_resumable (journaled across a restart, but the template "
+                      "changed), in_doubt (being sent when the agent was killed: the collector may have "
+                      "them; not sent again), not_sent_at_exit, error", ("collector", "reason")), self._dropped),
             (_counter("ipfix_unselected_flows", "Flow records no template selects (a template's select: IP "
                       "version, protocols): not exported to any collector"),
              lambda f: f.add_metric([], sum(e.unselected.flows for e in self._exporters()))),
@@ -270,6 +287,16 @@ class AgentCollector(Collector):
              lambda f: f.add_metric([], self.agent.attachments.error_count)),
             (_gauge("config_generation", "Configuration generation applied (1 at start, +1 per reload "
                     "applied)"), lambda f: f.add_metric([], self.agent.generation)),
+            (_counter("journal_write_errors", "Cycles whose journal could not be written: a crash in them "
+                      "would lose the flow cache and the records queued for collectors"),
+             lambda f: f.add_metric([], self.agent.journal_errors)),
+            (_counter("journal_recovered_flows", "Flows carried over from the journal of a killed (or "
+                      "stopped) agent at start: cached flows, and records queued for collectors",
+                      ("part",)), self._recovered),
+            (_counter("lost_flows", "Flows lost outside any collector's queue, per reason: "
+                      "journal_unreadable (a damaged journal, or one of another version: what its header says it "
+                      "held), no_collector (queued for a collector removed from the configuration by a restart "
+                      "or reload)", ("reason",)), self._lost),
         ]
 
     # -- sources ------------------------------------------------------------------
@@ -305,6 +332,19 @@ class AgentCollector(Collector):
     def _per_session(self, family: Metric, value) -> None:
         for session in self._sessions():
             family.add_metric([session.name], value(session))
+
+    def _dropped(self, family: CounterMetricFamily) -> None:
+        for session in self._sessions():
+            for reason, flows in sorted(session.counters.not_sent_by_reason.items()):
+                family.add_metric([session.name, reason], flows)
+
+    def _recovered(self, family: CounterMetricFamily) -> None:
+        family.add_metric(["cache"], self.agent.recovered["flows"])
+        family.add_metric(["queued"], self.agent.recovered["records"])
+
+    def _lost(self, family: CounterMetricFamily) -> None:
+        for reason in ("journal_unreadable", "no_collector"):
+            family.add_metric([reason], self.agent.lost.get(reason, 0))
 
     def _per_transport(self, family: Metric, value) -> None:
         for session in self._sessions():
@@ -435,27 +475,31 @@ class AgentMetrics:
         self.reload_failures.inc()
 
 
-def serve_metrics(address: str, port: int, registry: CollectorRegistry):
-    """Serve ``registry`` on http://address:port/metrics from a daemon thread; returns the
-    server (``shutdown()`` stops it). OSError (e.g. address in use) if it cannot listen."""
-    from prometheus_client import start_http_server
+def serve_metrics(address: str, port: int, registry: CollectorRegistry, tls=None, basic_auth=None):
+    """Serve ``registry`` on http(s)://address:port/metrics from a daemon thread; returns the
+    server (``shutdown()`` stops it). OSError (e.g. address in use) if it cannot listen, ValueError
+    for TLS or password files that do not load."""
+    from .metricshttp import serve
 
-    result = start_http_server(port, addr=address, registry=registry)
-    return result[0] if result else None
+    return serve(address, port, registry, tls, basic_auth)
 
 
-def start_agent_metrics(agent: Any, address: str, port: int, registry: CollectorRegistry | None = None) -> bool:
+def start_agent_metrics(agent: Any, address: str, port: int, registry: CollectorRegistry | None = None,
+                        tls=None, basic_auth=None) -> bool:
     """Count ``agent`` into ``registry`` (default: the global one, which adds process_* metrics) and
     serve it. A port that cannot be opened is reported; metering and export go on without metrics."""
     if registry is None:
         from prometheus_client import REGISTRY as registry
     where = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+    scheme = "https" if tls is not None else "http"
     try:
-        serve_metrics(address, port, registry)
-    except OSError as err:
+        serve_metrics(address, port, registry, tls, basic_auth)
+    except (OSError, ValueError) as err:
         log.error("cannot serve metrics on %s: %s; running without metrics (set metrics.port, or "
-                  "metrics.enabled: false)", where, err.strerror or err)
+                  "metrics.enabled: false)", where, getattr(err, "strerror", None) or err)
         return False
     agent.metrics = AgentMetrics(registry, agent)
-    log.info("serving metrics on http://%s/metrics", where)
+    log.info("serving metrics on %s://%s/metrics%s%s", scheme, where,
+             " (client certificates required)" if tls is not None and tls.client_ca else "",
+             " (basic authentication)" if basic_auth is not None else "")
     return True

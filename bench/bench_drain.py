@@ -134,7 +134,7 @@ def main() -> int:
     stride = VALUE_STRIDE * cpus
     results: dict[str, list[float]] = {
         name: [] for name in ("fill", "plain_read", "plain_read_sys", "copy", "swap", "read_clear", "read_clear_sys",
-                              "decode", "total", "empty_total", "empty_sys")}
+                              "decode", "total", "empty_total", "empty_sys", "take", "clear")}
     problems = []
     # The baseline read gets buffers of its own, kept across rounds as FlowTables keeps its own.
     baseline_buffers = bpfsys.BatchBuffers(KEY.size, stride, max_flows) if hasattr(bpfsys, "BatchBuffers") else None
@@ -181,6 +181,24 @@ def main() -> int:
                 problems.append(f"round {rnd + 1}: decoded {len(flows)} flows ({distinct} distinct), "
                                 f"{decoded_packets} packets (expected {n} and {n * packets_per_flow}); "
                                 f"entries left in the tables: {left}")
+            # The agent's drain since the journal: swap and read without deleting, then (after the commit)
+            # delete exactly the keys read.
+            table = active_table(tables)
+            for start in range(0, n, FILL_BATCH):
+                count = min(FILL_BATCH, n - start)
+                update_batch(table.fd, keys[start * KEY.size:(start + count) * KEY.size],
+                             values_per_batch[:count * stride], count)
+            t = time.perf_counter()
+            taken = tables.take()
+            results["take"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            tables.clear(taken)
+            results["clear"].append(time.perf_counter() - t)
+            left_after = [count_entries(tables, t) for t in tables.tables]
+            if len(taken.flows) != n or any(left_after):
+                problems.append(f"round {rnd + 1}: take found {len(taken.flows)} flows, entries left after the "
+                                f"clear: {left_after}")
+            del taken
             print(f"round {rnd + 1}/{args.rounds}: fill {results['fill'][-1]:.2f} s, "
                   f"read-and-clear {results['read_clear'][-1]:.3f} s, decode {results['decode'][-1]:.2f} s, "
                   f"decoded {len(flows)} flows, tables left {left}", flush=True)
@@ -210,6 +228,8 @@ def main() -> int:
           f"{verdict(m['read_clear'] * 1_000_000 / n <= TARGET_READ_CLEAR_S)}")
     print(f"  of which bpf(2) lookup-and-delete batch {m['read_clear_sys']:.3f} s, slot swap {m['swap'] * 1e3:.2f} ms, "
           f"the rest Python around them (tables.drain, bpfsys.read_all)")
+    print(f"  the agent's drain (journal between): take = swap + read + decode {m['take']:.3f} s, then delete "
+          f"by key {m['clear']:.3f} s; delete / read-and-clear = {m['clear'] / m['read_clear']:.2f}")
     print(f"  baseline batch read without delete, same table: {m['plain_read']:.3f} s "
           f"({n / m['plain_read']:,.0f} flows/s; bpf(2) {m['plain_read_sys']:.3f} s); "
           f"read-and-clear / read = {m['read_clear'] / m['plain_read']:.2f}, "

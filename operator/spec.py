@@ -108,7 +108,8 @@ def check_selector(selector: Any, path: str) -> dict:
 def _collector(data: Any, path: str) -> dict:
     """The collector in the agent's shape: the Secret becomes ``secret:NAME/KEY`` file references."""
     data = _mapping(data, path)
-    accepted = ("address", "transport", "tls", "maxMessageSize", "description")
+    accepted = ("address", "transport", "tls", "maxMessageSize", "description", "pacing", "maxMessagesPerSecond",
+                "sendBuffer")
     for key in data:
         if key not in accepted:
             raise SpecError(f"{path}.{show_key(key)}: unknown key; accepted: {', '.join(accepted)}")
@@ -133,6 +134,9 @@ def _collector(data: Any, path: str) -> dict:
                         "Secret in kipfix's namespace (transport tls needs tls.secretName)")
     elif "tls" in data:
         out["tls"] = data["tls"]  # the agent says it is only valid with transport tls
+    for key in ("pacing", "maxMessagesPerSecond", "sendBuffer"):  # the agent's own schema checks them
+        if key in data:
+            out[key] = data[key]
     return out
 
 

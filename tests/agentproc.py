@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ from pathlib import Path
 import yaml
 
 KIPFIX = str(Path(sys.executable).with_name("kipfix"))
+CRASHPOINT = str(Path(__file__).with_name("crashpoint.py"))
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
@@ -39,22 +41,37 @@ class AgentProcess:
         self.write_config(self.config)
         self.keep_attached = keep_attached
         self.log_path = tmp_path / f"agent-{uuid.uuid4().hex[:4]}.log"
+        self.log_paths: list[Path] = []  # every run's log, oldest first
         self.proc: subprocess.Popen | None = None
 
     def write_config(self, config: dict) -> None:
         self.config_path.write_text(yaml.safe_dump(config))
 
-    def start(self) -> "AgentProcess":
-        cmd = [KIPFIX, "--log-level", "debug", "agent", "--config", str(self.config_path)]
+    def start(self, crash: tuple[str, int] | None = None, wait: bool = True) -> "AgentProcess":
+        """Start the agent (a new log file each time); ``crash``: (point, n) of tests/crashpoint.py."""
+        args = ["--log-level", "debug", "agent", "--config", str(self.config_path)]
         if self.keep_attached:
-            cmd.append("--keep-attached")
+            args.append("--keep-attached")
+        cmd = [KIPFIX, *args] if crash is None else [sys.executable, CRASHPOINT, crash[0], str(crash[1]), *args]
+        self.log_path = self.tmp_path / f"agent-{uuid.uuid4().hex[:4]}.log"
+        self.log_paths.append(self.log_path)
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
-        self.wait_log("kipfix agent running", timeout=60)
+        if wait:
+            self.wait_log("kipfix agent running", timeout=60)
         return self
+
+    def kill(self) -> None:
+        """SIGKILL, as an OOM kill or kill -9 would: nothing of the agent runs after it."""
+        self.proc.kill()
+        self.proc.wait()
+        self._log.close()
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def all_logs(self) -> str:
+        return "".join(path.read_text() for path in self.log_paths if path.exists())
 
     def wait_log(self, text: str, timeout: float = 10) -> None:
         def seen():
@@ -89,9 +106,15 @@ class AgentProcess:
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.pin_path, ignore_errors=True)
-        ids = f"/run/kipfix/netns-ids{self.pin_path.replace('/', '_')}.json"
-        if os.path.exists(ids):
-            os.unlink(ids)
+        remove_state_files(self.pin_path)
+
+
+def remove_state_files(pin_path: str) -> None:
+    """The netns ids and the journal an agent on ``pin_path`` left in /run/kipfix."""
+    stem = pin_path.replace('/', '_')
+    for path in [f"/run/kipfix/netns-ids{stem}.json", *glob.glob(f"/run/kipfix/journal{stem}-*")]:
+        if os.path.exists(path):
+            os.unlink(path)
 
 
 def totals(records, **match) -> tuple[int, int]:

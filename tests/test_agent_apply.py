@@ -19,7 +19,7 @@ import uuid
 
 import pytest
 
-from agentproc import wait_for
+from agentproc import remove_state_files, wait_for
 from kipfix.agent.config import ConfigError, parse_config
 from kipfix.agent.datapath.netnsids import default_path
 from router import sh
@@ -65,6 +65,7 @@ def assert_still_running(agent, router, running, tmp_path) -> None:
 def stop(agent, pin_path: str) -> None:
     agent.shutdown()
     shutil.rmtree(pin_path, ignore_errors=True)
+    remove_state_files(pin_path)  # the crash journal the agent kept in /run/kipfix
 
 
 def test_an_apply_that_cannot_open_its_output_changes_nothing(router, tmp_path):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import uuid
@@ -120,3 +122,29 @@ def test_mistakes_get_one_line_each(pair):
 
     result = kipfix("flush", "--pin-path", pin, "-p", "gre2", check=False)
     assert result.returncode == 2 and "protocol 'gre2'" in result.stderr
+
+
+def run_into_closed_pipe(*args) -> subprocess.CompletedProcess:
+    """``kipfix ARGS | head -0``, deterministically: stdout is a pipe nobody reads any more."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run([KIPFIX, *args], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+
+
+def test_a_closed_pipe_ends_every_printing_command_quietly(pair):
+    """``kipfix dump | head`` and friends end as a Unix filter does: killed by SIGPIPE, nothing on stderr."""
+    a, _b, pin = pair
+    kipfix("meter", "attach", "--netns", a, "-i", "eth0", "--pin-path", pin, "--max-flows", "1024")
+    sh(f"ip netns exec {a} ping -c 3 -i 0.02 -q 10.81.0.2")
+    for args in (["dump", "--pin-path", pin], ["dump", "--json", "--pin-path", pin],
+                 ["meter", "status", "--netns", a], ["dependency-check"], ["dependency-check", "--json"],
+                 ["--help"], ["dump", "--help"], ["--version"]):
+        result = run_into_closed_pipe(*args)
+        assert (result.returncode, result.stderr) == (-signal.SIGPIPE, ""), args
+    # as a user types it: head gets its line, and nothing else is printed
+    shell = subprocess.run(f"{KIPFIX} dump --pin-path {pin} | head -1", shell=True, capture_output=True, text=True)
+    assert shell.stdout.splitlines()[0].split()[:2] == ["IFINDEX", "DIR"]
+    assert shell.stderr == ""

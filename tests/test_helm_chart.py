@@ -351,6 +351,9 @@ def test_servicemonitor_and_prometheusrule(helm):
     ("agent.nosuchkey=1", "nosuchkey"),
     ("image.digest=latest", "image.digest"),
     ("operator.standalone=true", "operator.replicas"),
+    ("agent.metrics.address=eth0", "agent.metrics.address"),
+    ("agent.metrics.tls.secretName=Not_A_Name", "agent.metrics.tls.secretName"),
+    ("agent.metrics.basicAuth.user=x", "agent.metrics.basicAuth"),
 ])
 def test_schema_rejects_bad_values(helm, bad, message):
     result = render(helm, sets=(bad,), check=False)
@@ -393,3 +396,63 @@ def test_values_are_commented_key_by_key():
         if not lines[i - 1].strip().startswith("#"):
             uncommented.append(f"values.yaml:{i + 1}: {'.'.join(k for _, k in path)}")
     assert not uncommented, "keys without a comment:\n" + "\n".join(uncommented)
+
+
+# ---- agent metrics: HTTPS, client certificates, basic authentication -------------------------
+
+def test_agent_metrics_tls_and_basic_auth(helm, tmp_path):
+    """The rendered --metrics-config names exactly the files the Secrets are mounted as, and the agent's
+    own loader accepts it once those files exist."""
+    from kipfix.agent.config import load_metrics_config
+
+    docs = render(helm, CHART / "ci/secure-metrics-values.yaml")
+    pod = agent_pod(docs)
+    container = pod["containers"][0]
+    assert "--metrics-config=/etc/kipfix/metrics/metrics.yaml" in container["args"]
+    config_map = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-metrics"))
+    settings = yaml.safe_load(config_map["data"]["metrics.yaml"])["metrics"]
+    assert settings == {"address": "0.0.0.0", "port": 9469,
+                        "tls": {"cert": "/etc/kipfix/metrics/tls/tls.crt", "key": "/etc/kipfix/metrics/tls/tls.key",
+                                "clientCA": "/etc/kipfix/metrics/client-ca/ca.crt"},
+                        "basicAuth": {"usernameFile": "/etc/kipfix/metrics/auth/username",
+                                      "passwordFile": "/etc/kipfix/metrics/auth/password"}}
+    # every file the settings name is a key of a Secret mounted at that path, read-only, 0400
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounted = {}
+    for name, volume in volumes.items():
+        if "secret" in volume:
+            assert volume["secret"]["defaultMode"] == 0o400
+            for item in volume["secret"]["items"]:
+                mounted[f"{mounts[name]}/{item['path']}"] = (volume["secret"]["secretName"], item["key"])
+    named = [settings["tls"]["cert"], settings["tls"]["key"], settings["tls"]["clientCA"],
+             *settings["basicAuth"].values()]
+    assert {path: mounted[path] for path in named} == {
+        "/etc/kipfix/metrics/tls/tls.crt": ("kipfix-metrics-tls", "tls.crt"),
+        "/etc/kipfix/metrics/tls/tls.key": ("kipfix-metrics-tls", "tls.key"),
+        "/etc/kipfix/metrics/client-ca/ca.crt": ("kipfix-metrics-clients", "ca.crt"),
+        "/etc/kipfix/metrics/auth/username": ("kipfix-metrics-auth", "username"),
+        "/etc/kipfix/metrics/auth/password": ("kipfix-metrics-auth", "password")}
+    assert volumes["metrics-config"]["configMap"]["name"] == config_map["metadata"]["name"]
+    # the agent's own loader takes the rendered file (files stand in for the mounted Secrets)
+    text = config_map["data"]["metrics.yaml"].replace("/etc/kipfix/metrics", str(tmp_path))
+    for path in named:
+        target = tmp_path / Path(path).relative_to("/etc/kipfix/metrics")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("x\n")
+    (tmp_path / "metrics.yaml").write_text(text)
+    loaded = load_metrics_config(str(tmp_path / "metrics.yaml"))
+    assert (loaded.port, loaded.tls.client_ca, loaded.basic_auth.password_file) == (
+        9469, str(tmp_path / "client-ca/ca.crt"), str(tmp_path / "auth/password"))
+    # the ServiceMonitor scrapes with https, the client certificate and the same credentials
+    endpoint = one(docs, "ServiceMonitor", "agent")["spec"]["endpoints"][0]
+    assert endpoint["scheme"] == "https"
+    assert endpoint["tlsConfig"]["keySecret"] == {"name": "kipfix-prometheus-client", "key": "tls.key"}
+    assert endpoint["basicAuth"] == {"username": {"name": "kipfix-metrics-auth", "key": "username"},
+                                     "password": {"name": "kipfix-metrics-auth", "key": "password"}}
+
+
+def test_agent_metrics_plain_by_default(default_docs):
+    container = agent_pod(default_docs)["containers"][0]
+    assert not [a for a in container["args"] if a.startswith("--metrics-config")]
+    assert not [d for d in default_docs if d["kind"] == "ConfigMap"]

@@ -10,7 +10,7 @@ dependency all the same). Layers, lowest first:
     collector                     the built-in collector
     config, labelselector         the configuration schema
     kube                          Kubernetes node mode's parts
-    daemon, kubeagent, metrics, depcheck, cli   the process
+    daemon, kubeagent, metrics(http), depcheck, cli   the process
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ LAYERS = [
     {"collector"},
     {"config", "labelselector"},
     {"kube"},
-    {"daemon", "kubeagent", "metrics", "depcheck", "cli"},
+    {"daemon", "kubeagent", "metrics", "metricshttp", "depcheck", "cli"},
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
 KNOWN_CYCLES: list[list[str]] = []

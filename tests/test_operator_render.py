@@ -71,6 +71,10 @@ def test_the_example_renders_a_config_the_agent_accepts():
     (lambda s: s.update(nodeSelector={"matchExpressions": [{"key": "x", "operator": "In"}]}),
      "spec.nodeSelector.matchExpressions[0].values: required and non-empty for In/NotIn"),
     (lambda s: s.update(collectors=[]), "spec.collectors: empty"),
+    (lambda s: s["collectors"][0].update(transport="tcp", pacing="spread"),
+     "spec.collectors[0].pacing: only for transport udp"),
+    (lambda s: s["collectors"][0].update(pacing="burst"), "spec.collectors[0].pacing: 'burst' is not accepted"),
+    (lambda s: s["collectors"][0].update(sendBuffer=100), "spec.collectors[0].sendBuffer: 100 is out of range"),
 ])
 def test_invalid_specs_are_named(change, message):
     fe = body()
@@ -87,6 +91,16 @@ def test_an_element_kipfix_cannot_fill_is_named():
         parse_exporter(fe)
     assert str(err.value).startswith("spec.templates[0].fields: information element 'bgpSourceAsNumber' is known "
                                      "but kipfix cannot fill it; accepted: ")
+
+
+def test_udp_pacing_and_send_buffer_reach_the_agent_config():
+    fe = body(collectors=[{"address": "192.0.2.9:2055", "pacing": "spread", "maxMessagesPerSecond": 500,
+                           "sendBuffer": 1 << 20},
+                          {"address": "192.0.2.9:4739", "transport": "tcp", "sendBuffer": 65536}])
+    result = plan([parse_exporter(fe)], {"n1": {}})
+    udp, tcp = parse_config(yaml.safe_load(result.nodes["n1"].text)).collectors
+    assert (udp.pacing, udp.max_messages_per_second, udp.send_buffer) == ("spread", 500, 1 << 20)
+    assert (tcp.pacing, tcp.max_messages_per_second, tcp.send_buffer) == ("spread", 0, 65536)
 
 
 def test_host_names_resolve_on_the_node_not_in_the_operator():

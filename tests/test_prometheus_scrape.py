@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -49,13 +50,15 @@ def free_port() -> int:
 class Prometheus:
     """`prometheus` on 127.0.0.1 scraping ``targets`` every second."""
 
-    def __init__(self, tmp_path: Path, targets: list[str], rule_files: list[Path] = ()):
+    def __init__(self, tmp_path: Path, targets: list[str], rule_files: list[Path] = (), scrape: dict | None = None):
+        """``scrape``: more of the scrape config (scheme, tls_config, basic_auth)."""
         self.dir = tmp_path / f"prometheus-{free_port()}"
         self.dir.mkdir()
         self.port = free_port()
         config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
                   "rule_files": [str(p) for p in rule_files],
-                  "scrape_configs": [{"job_name": "kipfix-agent", "static_configs": [{"targets": targets}]}]}
+                  "scrape_configs": [{"job_name": "kipfix-agent", "static_configs": [{"targets": targets}],
+                                      **(scrape or {})}]}
         (self.dir / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.log_path = self.dir / "prometheus.log"
         self.proc: subprocess.Popen | None = None
@@ -109,6 +112,10 @@ class Prometheus:
 
     def firing(self) -> set[str]:
         return {a["labels"]["alertname"] for a in self.api("alerts")["alerts"] if a["state"] == "firing"}
+
+    def active(self) -> set[str]:
+        """Alerts whose expression holds: firing, or pending until their ``for`` has passed."""
+        return {a["labels"]["alertname"] for a in self.api("alerts")["alerts"]}
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -271,3 +278,123 @@ def test_alert_rules_pass_promtool():
     names = {rule["alert"] for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]}
     assert {"KipfixAgentNotExporting", "KipfixFlowTableFull", "KipfixCollectorUnreachable",
             "KipfixNodeNotReady"} <= names
+
+
+# ---- least exposure: HTTPS, client certificates, basic authentication ---------------------
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A test CA; the agent's certificate for 127.0.0.1; a client certificate for Prometheus."""
+    d = tmp_path_factory.mktemp("metrics-pki")
+
+    def run(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=kipfix test CA")
+    for name, cn, ext in (("agent", "kipfix-agent", "subjectAltName=IP:127.0.0.1"),
+                          ("prometheus", "prometheus", "extendedKeyUsage=clientAuth")):
+        run("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}")
+        (d / f"{name}.ext").write_text(ext + "\n")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
+    (d / "password").write_text("s3cret-scrape\n")
+    os.chmod(d / "password", 0o600)
+    return d
+
+
+def fetch(url: str, context=None, auth: tuple[str, str] | None = None) -> tuple[int, str]:
+    """(HTTP status, body), or (0, the error) when no HTTP exchange happened."""
+    request = urllib.request.Request(url)
+    if auth is not None:
+        import base64
+        request.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=5, context=context) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, ""
+    except (urllib.error.URLError, OSError) as err:
+        return 0, str(err)
+
+
+@pytest.mark.root
+@needs_prometheus
+def test_prometheus_scrapes_over_https_with_client_certificate_and_basic_auth(tmp_path, pki):
+    import ssl
+
+    port = free_port()
+    agent = AgentProcess(tmp_path, {"metrics": {
+        "address": "127.0.0.1", "port": port,
+        "tls": {"cert": str(pki / "agent.pem"), "key": str(pki / "agent.key"), "clientCA": str(pki / "ca.pem")},
+        "basicAuth": {"username": "prometheus", "passwordFile": str(pki / "password")}}})
+    prometheus = Prometheus(tmp_path, [f"127.0.0.1:{port}"], [ALERTS], scrape={
+        "scheme": "https",
+        "tls_config": {"ca_file": str(pki / "ca.pem"), "cert_file": str(pki / "prometheus.pem"),
+                       "key_file": str(pki / "prometheus.key")},
+        "basic_auth": {"username": "prometheus", "password_file": str(pki / "password")}})
+    try:
+        agent.start()
+        agent.wait_log(f"serving metrics on https://127.0.0.1:{port}/metrics (client certificates required) "
+                       "(basic authentication)")
+        prometheus.start()
+        wait_for(lambda: prometheus.value('up{job="kipfix-agent"}') == 1, 30, "the agent scraped over https")
+        assert prometheus.value("kipfix_agent_config_generation") == 1
+
+        url = f"https://127.0.0.1:{port}/metrics"
+        trusting = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        with_cert = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        with_cert.load_cert_chain(pki / "prometheus.pem", pki / "prometheus.key")
+        assert fetch(f"http://127.0.0.1:{port}/metrics")[0] == 0  # plain HTTP gets no answer
+        assert fetch(url, trusting, ("prometheus", "s3cret-scrape"))[0] == 0  # no client certificate
+        assert fetch(url, with_cert) == (401, "")
+        assert fetch(url, with_cert, ("prometheus", "wrong"))[0] == 401
+        assert fetch(url, with_cert, ("someone", "s3cret-scrape"))[0] == 401
+        status, body = fetch(url, with_cert, ("prometheus", "s3cret-scrape"))
+        assert status == 200 and "kipfix_agent_config_generation 1.0" in body
+    finally:
+        prometheus.stop()
+        agent.cleanup()
+
+
+def test_unloadable_metrics_files_stop_the_agent_before_it_loads_anything(tmp_path, pki):
+    (tmp_path / "not-pem.crt").write_text("hello\n")
+    (tmp_path / "empty").write_text("")
+    for metrics, expected in (
+            ({"tls": {"cert": str(tmp_path / "not-pem.crt"), "key": str(pki / "agent.key")}},
+             "do not load as a certificate and its private key"),
+            ({"tls": {"cert": str(pki / "agent.pem"), "key": str(pki / "agent.key"),
+                      "clientCA": str(tmp_path / "not-pem.crt")}}, "metrics.tls.clientCA"),
+            ({"basicAuth": {"username": "p", "passwordFile": str(tmp_path / "empty")}}, "is empty"),
+            ({"basicAuth": {"passwordFile": str(pki / "password")}}, "exactly one of username or usernameFile"),
+            ({"tls": {"cert": str(pki / "agent.pem")}}, "metrics.tls.key: required")):
+        path = tmp_path / "kipfix.yaml"
+        path.write_text(yaml.safe_dump({"pinPath": "/sys/fs/bpf/kipfix-test-never", "metrics": metrics}))
+        result = subprocess.run([sys.executable, "-m", "kipfix.agent.cli", "agent", "--config", str(path)],
+                                capture_output=True, text=True, timeout=60)
+        assert (result.returncode, expected in result.stderr) == (2, True), result.stderr
+        assert "metering program loaded" not in result.stderr
+    assert not os.path.exists("/sys/fs/bpf/kipfix-test-never")
+
+
+@pytest.mark.root
+@needs_prometheus
+def test_udp_collector_refusing_makes_the_export_alerts_fire(router, stack):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]  # nothing listens here once the socket is closed
+    agent, prometheus = stack({"interfaces": [{"netns": router.r, "names": ["r1"]}],
+                               "timeouts": {"idle": 1, "active": 60},
+                               "collectors": [{"address": f"127.0.0.1:{closed}"}],
+                               "templates": [{"id": 256, "template": ["packetDeltaCount", "octetDeltaCount"]}]})
+    agent.wait_log("attached kipfix to r1")
+    sh(f"ip netns exec {router.h1} ping -c 5 -i 0.02 -q 10.2.0.1")
+    name = f'collector="udp://127.0.0.1:{closed}"'
+    wait_for(lambda: (prometheus.value(f'kipfix_agent_ipfix_send_errors_total{{{name},operation="send",'
+                                       f'reason="econnrefused"}}') or 0) >= 1, 30, "refused sends counted")
+    # the flows wait for the collector; nothing was delivered, ever
+    assert prometheus.settle(f"kipfix_agent_ipfix_queued_flows{{{name}}}", 2) == 2
+    assert prometheus.value(f"kipfix_agent_ipfix_last_export_timestamp_seconds{{{name}}}") == 0
+    wait_for(lambda: {"KipfixAgentNotExporting", "KipfixCollectorSendErrors"} <= prometheus.active(), 30,
+             "the export alerts pending (they fire after their 'for')")
+    agent.wait_log("holding flows and probing with templates until the collector accepts them")

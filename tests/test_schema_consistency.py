@@ -55,6 +55,9 @@ def test_collector_fields_equal_the_agent_rules():
     assert bounds(COLLECTOR["maxMessageSize"]) == rules.MESSAGE_SIZE_RANGE
     assert COLLECTOR["maxMessageSize"]["default"] == rules.DEFAULT_MESSAGE_SIZE
     assert COLLECTOR["description"]["maxLength"] == rules.DESCRIPTION_MAX_LENGTH
+    assert tuple(COLLECTOR["pacing"]["enum"]) == rules.PACING
+    assert bounds(COLLECTOR["maxMessagesPerSecond"]) == rules.MESSAGE_RATE_RANGE
+    assert bounds(COLLECTOR["sendBuffer"]) == rules.SEND_BUFFER_RANGE
     tls = COLLECTOR["tls"]["properties"]
     assert tls["secretName"]["pattern"] == rules.SECRET_NAME_PATTERN
     assert tls["secretName"]["maxLength"] == rules.SECRET_NAME_MAX_LENGTH
@@ -135,6 +138,11 @@ CEL_MIRRORS = {
          "spec.collectors[0].tls.secretName: None is not a Secret name"),
         (body(collectors=[{"address": "192.0.2.10:4739", "tls": {"secretName": "s"}}]),
          "spec.collectors[0].tls: only valid with transport tls")],
+    "!(has(self.pacing) || has(self.maxMessagesPerSecond)) || !has(self.transport) || self.transport == 'udp'": [
+        (body(collectors=[{"address": "192.0.2.10:4739", "transport": "tcp", "pacing": "none"}]),
+         "spec.collectors[0].pacing: only for transport udp"),
+        (body(collectors=[{"address": "192.0.2.10:4739", "transport": "tcp", "maxMessagesPerSecond": 10}]),
+         "spec.collectors[0].maxMessagesPerSecond: only for transport udp")],
     f"self.id >= {rules.TEMPLATE_ID_RANGE[0]}": [
         (body(templates=[{"id": 255, "fields": ["octetDeltaCount"]}]),
          "spec.templates[0].id: 255 is out of range; accepted: 256..65535")],

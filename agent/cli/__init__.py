@@ -6,6 +6,9 @@ import argparse
 import ipaddress
 import json
 import logging
+import os
+import select
+import signal
 import sys
 
 from .. import __version__
@@ -177,13 +180,13 @@ def cmd_agent(args) -> int:
     if args.kubernetes:
         from ..kubeagent import run_kubernetes_agent
 
-        return run_kubernetes_agent(keep_attached=args.keep_attached)
+        return run_kubernetes_agent(keep_attached=args.keep_attached, metrics_config=args.metrics_config)
     if not args.config:
         print("kipfix agent: give --config FILE, or --kubernetes to take the config from the API", file=sys.stderr)
         return 2
     from ..daemon import run_agent
 
-    return run_agent(args.config, keep_attached=args.keep_attached)
+    return run_agent(args.config, keep_attached=args.keep_attached, metrics_config=args.metrics_config)
 
 
 def cmd_operator(args) -> int:
@@ -207,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--keep-attached", action="store_true",
                        help="on SIGTERM export the cache but leave filters and pinned tables in place, "
                             "so a restarted agent continues without a gap")
+    agent.add_argument("--metrics-config", metavar="FILE",
+                       help="YAML file with a metrics: section (address, port, tls, basicAuth) used instead of "
+                            "the configuration's (Kubernetes: the ConfigMap has none)")
     agent.set_defaults(func=cmd_agent)
 
     # Everything after "operator" is the operator's (its --help too): no prefix character is ours here.
@@ -247,7 +253,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def exit_on_closed_output() -> None:
+    """The reader of our output went away (``kipfix dump | head``): end as a Unix filter does,
+    killed by SIGPIPE, without a traceback or a "Broken pipe" line.
+
+    Python ignores SIGPIPE so that sockets report EPIPE (the agent and the collector need
+    that), which turns a closed pipe on stdout into BrokenPipeError instead; this restores
+    the default action and takes it.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush at exit must not fail again
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGPIPE)
+    os._exit(128 + signal.SIGPIPE)  # not reached: the signal ends the process
+
+
+def stdout_closed() -> bool:
+    """True when nobody reads our stdout any more (a pipe whose reader exited)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _fd, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        status = _run(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's flush at exit
+        return status
+    except BrokenPipeError:
+        exit_on_closed_output()
+        raise  # not reached
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -255,6 +296,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError as err:
+        if stdout_closed():
+            raise
+        print(f"kipfix: {err}", file=sys.stderr)  # a socket's EPIPE, not our output
+        return 1
     except (OSError, RuntimeError, ValueError) as err:
         print(f"kipfix: {err}", file=sys.stderr)
         return 1

@@ -25,6 +25,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     collect.add_argument("--enterprise-number", type=int, default=DEFAULT_PEN, metavar="PEN",
                          help="Private Enterprise Number of kipfix's own elements (the exporter's "
                               f"enterpriseNumber; default {DEFAULT_PEN})")
+    collect.add_argument("--receive-buffer", type=int, default=4 << 20, metavar="OCTETS",
+                         help="UDP socket receive buffer (SO_RCVBUF; default 4 MiB)")
+    collect.add_argument("--max-connections", type=int, default=64, metavar="N",
+                         help="TCP connections served at once; more are refused (default 64)")
+    collect.add_argument("--idle-timeout", type=float, default=600.0, metavar="S",
+                         help="close a TCP connection that sent nothing for S seconds (default 600)")
     collect.set_defaults(func=run_collect)
 
     ipfix = subparsers.add_parser("ipfix", help="IPFIX tools")
@@ -44,18 +50,31 @@ def run_collect(args: argparse.Namespace) -> int:
     from ..export.address import parse_listen_address
     from ..collector.server import Collector
 
-    if not 1 <= args.enterprise_number <= 2**32 - 1:
-        print(f"kipfix collect: --enterprise-number {args.enterprise_number}: accepted: 1..4294967295",
-              file=sys.stderr)
-        return 2
+    for flag, value, ok, accepted in (
+            ("--enterprise-number", args.enterprise_number, 1 <= args.enterprise_number <= 2**32 - 1,
+             "1..4294967295"),
+            ("--receive-buffer", args.receive_buffer, 4096 <= args.receive_buffer <= 1 << 30,
+             "4096..1073741824 octets"),
+            ("--max-connections", args.max_connections, 1 <= args.max_connections <= 100_000, "1..100000"),
+            ("--idle-timeout", args.idle_timeout, 0 < args.idle_timeout <= 86_400, "> 0 and <= 86400 seconds")):
+        if not ok:
+            print(f"kipfix collect: {flag} {value}: accepted: {accepted}", file=sys.stderr)
+            return 2
     try:
         host, port = parse_listen_address(args.listen)
-        collector = Collector(host, port, json_lines=args.json, enterprise_number=args.enterprise_number)
+        # keep=False: records are printed and dropped, so memory does not grow with the traffic
+        collector = Collector(host, port, json_lines=args.json, enterprise_number=args.enterprise_number,
+                              keep=False, receive_buffer=args.receive_buffer, max_connections=args.max_connections,
+                              idle_timeout=args.idle_timeout)
     except (ValueError, OSError) as err:
         print(f"kipfix collect: --listen {args.listen}: {err}", file=sys.stderr)
         return 2
     print(f"listening for IPFIX on {host}:{collector.port} (UDP and TCP)", file=sys.stderr, flush=True)
     collector.serve(count=args.count, timeout=args.timeout)
+    if collector.output_closed:
+        raise BrokenPipeError(32, "stdout closed")  # kipfix's main ends as a Unix filter does
+    print(f"received {collector.messages_received} messages, {collector.data_records} data records; "
+          f"rejected {collector.malformed} malformed messages", file=sys.stderr)
     return 0
 
 

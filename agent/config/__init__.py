@@ -16,9 +16,9 @@ imported by the agent only, as ``kipfix.agent.config.resolve``.
 
 from .document import MAX_DOCUMENT_BYTES, parse_document
 from .errors import ConfigError, show, show_key
-from .load import config_from_bytes, load_config, read_config_file
-from .model import (AgentConfig, CollectorConfig, InterfaceSelection, MetricsConfig, PodSelection, TemplateConfig,
-                    Timeouts, TLSConfig)
+from .load import config_from_bytes, load_config, load_metrics_config, read_config_file
+from .model import (AgentConfig, CollectorConfig, InterfaceSelection, MetricsBasicAuth, MetricsConfig, MetricsTLS,
+                    PodSelection, TemplateConfig, Timeouts, TLSConfig)
 from .parse import TOP_LEVEL_KEYS, parse_config
 from .reload import changed_keys, check_reload
 from .rules import MAX_FLOWS_RANGE, MESSAGE_SIZE_RANGE, TRANSPORTS
@@ -26,7 +26,8 @@ from ..contract import DEFAULT_PIN_PATH
 
 __all__ = [
     "AgentConfig", "CollectorConfig", "ConfigError", "DEFAULT_PIN_PATH", "InterfaceSelection", "MAX_DOCUMENT_BYTES",
-    "MAX_FLOWS_RANGE", "MESSAGE_SIZE_RANGE", "MetricsConfig", "PodSelection", "TLSConfig", "TOP_LEVEL_KEYS",
-    "TRANSPORTS", "TemplateConfig", "Timeouts", "changed_keys", "check_reload", "config_from_bytes", "load_config",
-    "parse_config", "parse_document", "read_config_file", "show", "show_key",
+    "MAX_FLOWS_RANGE", "MESSAGE_SIZE_RANGE", "MetricsBasicAuth", "MetricsConfig", "MetricsTLS", "PodSelection",
+    "TLSConfig", "TOP_LEVEL_KEYS", "TRANSPORTS", "TemplateConfig", "Timeouts", "changed_keys", "check_reload",
+    "config_from_bytes", "load_config", "load_metrics_config", "parse_config", "parse_document", "read_config_file",
+    "show", "show_key",
 ]

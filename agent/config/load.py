@@ -21,8 +21,8 @@ import stat
 
 from .document import MAX_DOCUMENT_BYTES, parse_document
 from .errors import ConfigError
-from .model import AgentConfig
-from .parse import parse_config
+from .model import AgentConfig, MetricsConfig
+from .parse import parse_config, parse_metrics_section
 
 STOP_HINT = ("to stop kipfix, stop the agent (SIGTERM, e.g. systemctl stop kipfix): it exports what it counted "
              "and detaches")
@@ -70,3 +70,12 @@ def load_config(path: str, *, reloading: bool = False) -> AgentConfig:
 def config_from_bytes(data: bytes, *, reloading: bool = False) -> AgentConfig:
     """A configuration file's octets to an AgentConfig (pure); ConfigError without the file's name."""
     return parse_config(parse_document(data, STOP_HINT, final_newline=reloading))
+
+
+def load_metrics_config(path: str) -> MetricsConfig:
+    """A file holding only a ``metrics:`` section (``kipfix agent --metrics-config``)."""
+    data = read_config_file(path)
+    try:
+        return parse_metrics_section(parse_document(data, STOP_HINT))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 from ..contract import (DEFAULT_ACTIVE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_FLOWS, DEFAULT_METRICS_PORT,
                         DEFAULT_PEN, DEFAULT_PIN_PATH)
-from .rules import (DEFAULT_DRAIN_INTERVAL, DEFAULT_MESSAGE_SIZE, DEFAULT_METRICS_ADDRESS,
-                    DEFAULT_OBSERVATION_DOMAIN_ID, DEFAULT_POD_INTERFACES, DEFAULT_QUEUE_SIZE,
+from .rules import (DEFAULT_DRAIN_INTERVAL, DEFAULT_JSON_LINES_MODE, DEFAULT_MESSAGE_SIZE, DEFAULT_METRICS_ADDRESS,
+                    DEFAULT_OBSERVATION_DOMAIN_ID, DEFAULT_PACING, DEFAULT_POD_INTERFACES, DEFAULT_QUEUE_SIZE,
                     DEFAULT_TEMPLATE_REFRESH_MESSAGES, DEFAULT_TEMPLATE_REFRESH_SECONDS)
 
 
@@ -31,6 +31,9 @@ class CollectorConfig:
     template_refresh_messages: int = DEFAULT_TEMPLATE_REFRESH_MESSAGES
     queue_size: int = DEFAULT_QUEUE_SIZE
     description: str = ""
+    pacing: str = DEFAULT_PACING  # UDP only
+    max_messages_per_second: int = 0  # UDP only; 0: no cap
+    send_buffer: int = 0  # SO_SNDBUF octets; 0: the system's default
 
 
 @dataclass(frozen=True)
@@ -78,12 +81,30 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class MetricsTLS:
+    """HTTPS for /metrics; with ``client_ca``, scrapers must show a certificate it signed."""
+
+    cert: str
+    key: str
+    client_ca: str | None = None
+
+
+@dataclass(frozen=True)
+class MetricsBasicAuth:
+    password_file: str
+    username: str | None = None
+    username_file: str | None = None
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
-    """Where the agent serves Prometheus metrics (``/metrics``)."""
+    """Where the agent serves Prometheus metrics (``/metrics``), and how scrapers prove who they are."""
 
     address: str = DEFAULT_METRICS_ADDRESS
     port: int = DEFAULT_METRICS_PORT
     enabled: bool = True
+    tls: MetricsTLS | None = None
+    basic_auth: MetricsBasicAuth | None = None
 
 
 @dataclass(frozen=True)
@@ -98,5 +119,6 @@ class AgentConfig:
     observation_domain_id: int = DEFAULT_OBSERVATION_DOMAIN_ID
     enterprise_number: int = DEFAULT_PEN
     json_lines: str | None = None
+    json_lines_mode: int = int(DEFAULT_JSON_LINES_MODE, 8)
     pin_path: str = DEFAULT_PIN_PATH
     metrics: MetricsConfig = field(default_factory=MetricsConfig)

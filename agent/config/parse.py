@@ -23,8 +23,10 @@ from typing import Any
 from ..contract import (DEFAULT_ACTIVE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_FLOWS, DEFAULT_METRICS_PORT,
                         DEFAULT_PEN, DEFAULT_PIN_PATH)
 from .errors import ConfigError, show, show_key
-from .model import (AgentConfig, CollectorConfig, InterfaceSelection, MetricsConfig, PodSelection, TemplateConfig,
-                    Timeouts, TLSConfig)
+from .model import (AgentConfig, CollectorConfig, InterfaceSelection, MetricsBasicAuth, MetricsConfig, MetricsTLS,
+                    PodSelection, TemplateConfig, Timeouts, TLSConfig)
+from .rules import (DEFAULT_JSON_LINES_MODE, DEFAULT_PACING, JSON_LINES_MODE_PATTERN, MESSAGE_RATE_RANGE, PACING,
+                    SEND_BUFFER_RANGE)
 from .rules import (COLLECTOR_ADDRESS_MAX_LENGTH, COLLECTOR_ADDRESS_PATTERN, DEFAULT_DRAIN_INTERVAL,
                     DEFAULT_MESSAGE_SIZE, DEFAULT_METRICS_ADDRESS, DEFAULT_OBSERVATION_DOMAIN_ID,
                     DEFAULT_POD_INTERFACES, DEFAULT_QUEUE_SIZE, DEFAULT_TEMPLATE_REFRESH_MESSAGES,
@@ -37,7 +39,7 @@ from .rules import (COLLECTOR_ADDRESS_MAX_LENGTH, COLLECTOR_ADDRESS_PATTERN, DEF
                     TEMPLATE_REFRESH_SECONDS_MAX, TIMEOUT_MAX, TRANSPORTS)
 
 TOP_LEVEL_KEYS = ("collectors", "templates", "interfaces", "pods", "timeouts", "maxFlows", "drainInterval",
-                  "observationDomainId", "enterpriseNumber", "jsonLines", "pinPath", "metrics")
+                  "observationDomainId", "enterpriseNumber", "jsonLines", "jsonLinesMode", "pinPath", "metrics")
 
 
 # ---- value helpers ---------------------------------------------------------------
@@ -160,7 +162,8 @@ def _collector_address(value: Any, path: str) -> tuple[str, str, int]:
 def _collector(data: Any, path: str) -> CollectorConfig:
     data = _mapping(data, path)
     _reject_unknown(data, ("address", "transport", "tls", "maxMessageSize", "templateRefreshSeconds",
-                           "templateRefreshMessages", "queueSize", "description"), path)
+                           "templateRefreshMessages", "queueSize", "description", "pacing", "maxMessagesPerSecond",
+                           "sendBuffer"), path)
     if "address" not in data:
         raise ConfigError(f"{path}.address: required (host:port or [ipv6]:port)")
     address, host, port = _collector_address(data["address"], f"{path}.address")
@@ -182,7 +185,27 @@ def _collector(data: Any, path: str) -> CollectorConfig:
                                        f"{path}.templateRefreshMessages", *TEMPLATE_REFRESH_MESSAGES_RANGE),
         queue_size=_int(data.get("queueSize", DEFAULT_QUEUE_SIZE), f"{path}.queueSize", *QUEUE_SIZE_RANGE),
         description=_str(data.get("description", ""), f"{path}.description", DESCRIPTION_MAX_LENGTH),
+        **_sending(data, path, transport),
     )
+
+
+def _sending(data: dict, path: str, transport: str) -> dict:
+    """pacing and maxMessagesPerSecond (UDP only: TCP is paced by the collector's window), sendBuffer."""
+    for key in ("pacing", "maxMessagesPerSecond"):
+        if key in data and transport != "udp":
+            raise ConfigError(f"{path}.{key}: only for transport udp (transport is {transport!r}: TCP paces "
+                              "itself by the collector's window)")
+    pacing = data.get("pacing", DEFAULT_PACING)
+    if pacing not in PACING:
+        raise ConfigError(f"{path}.pacing: {show(pacing)} is not accepted; accepted: spread (a drain's messages "
+                          "over the drain interval), none (back to back)")
+    out = {"pacing": pacing}
+    if "maxMessagesPerSecond" in data:
+        out["max_messages_per_second"] = _int(data["maxMessagesPerSecond"], f"{path}.maxMessagesPerSecond",
+                                              *MESSAGE_RATE_RANGE)
+    if "sendBuffer" in data:
+        out["send_buffer"] = _int(data["sendBuffer"], f"{path}.sendBuffer", *SEND_BUFFER_RANGE)
+    return out
 
 
 def _template(data: Any, path: str) -> TemplateConfig:
@@ -285,17 +308,73 @@ def _timeouts(data: Any) -> Timeouts:
     return Timeouts(idle, active)
 
 
-def _metrics(data: Any) -> MetricsConfig:
-    data = _mapping(data, "metrics")
-    _reject_unknown(data, ("address", "port", "enabled"), "metrics")
-    address = _str(data.get("address", DEFAULT_METRICS_ADDRESS), "metrics.address", 64, "an IP address")
+def _file_path(value: Any, path: str, what: str) -> str:
+    value = _str(value, path, PATH_MAX_LENGTH, what)
+    if not value:
+        raise ConfigError(f"{path}: empty; accepted: {what}")
+    return value
+
+
+def _metrics_tls(data: Any, path: str) -> MetricsTLS:
+    data = _mapping(data, path)
+    _reject_unknown(data, ("cert", "key", "clientCA"), path)
+    for key in ("cert", "key"):
+        if key not in data:
+            raise ConfigError(f"{path}.{key}: required for HTTPS (a PEM file)")
+    client_ca = data.get("clientCA")
+    return MetricsTLS(_file_path(data["cert"], f"{path}.cert", "the path of a PEM certificate"),
+                      _file_path(data["key"], f"{path}.key", "the path of its PEM private key"),
+                      _file_path(client_ca, f"{path}.clientCA", "the path of a PEM CA certificate")
+                      if client_ca is not None else None)
+
+
+def _metrics_basic_auth(data: Any, path: str) -> MetricsBasicAuth:
+    data = _mapping(data, path)
+    _reject_unknown(data, ("username", "usernameFile", "passwordFile"), path)
+    if ("username" in data) == ("usernameFile" in data):
+        raise ConfigError(f"{path}: give the user as exactly one of username or usernameFile")
+    if "passwordFile" not in data:
+        raise ConfigError(f"{path}.passwordFile: required (a file holding the password, e.g. a mounted Secret)")
+    username = data.get("username")
+    if username is not None and (not isinstance(username, str) or not username or ":" in username
+                                 or len(username) > 256):
+        raise ConfigError(f"{path}.username: {show(username)} is not accepted; accepted: a non-empty string "
+                          "without ':'")
+    return MetricsBasicAuth(_file_path(data["passwordFile"], f"{path}.passwordFile", "the path of a file"),
+                            username,
+                            _file_path(data["usernameFile"], f"{path}.usernameFile", "the path of a file")
+                            if "usernameFile" in data else None)
+
+
+def _metrics(data: Any, path: str = "metrics") -> MetricsConfig:
+    data = _mapping(data, path)
+    _reject_unknown(data, ("address", "port", "enabled", "tls", "basicAuth"), path)
+    address = _str(data.get("address", DEFAULT_METRICS_ADDRESS), f"{path}.address", 64, "an IP address")
     try:
         ipaddress.ip_address(address)
     except ValueError:
-        raise ConfigError(f"metrics.address: {show(address)} is not an IP address; accepted: an IPv4 or IPv6 "
+        raise ConfigError(f"{path}.address: {show(address)} is not an IP address; accepted: an IPv4 or IPv6 "
                           "address to listen on (0.0.0.0 or :: for all)") from None
-    return MetricsConfig(address, _int(data.get("port", DEFAULT_METRICS_PORT), "metrics.port", *PORT_RANGE),
-                         _bool(data.get("enabled", True), "metrics.enabled"))
+    tls = _metrics_tls(data["tls"], f"{path}.tls") if data.get("tls") is not None else None
+    basic_auth = _metrics_basic_auth(data["basicAuth"], f"{path}.basicAuth") \
+        if data.get("basicAuth") is not None else None
+    return MetricsConfig(address, _int(data.get("port", DEFAULT_METRICS_PORT), f"{path}.port", *PORT_RANGE),
+                         _bool(data.get("enabled", True), f"{path}.enabled"), tls, basic_auth)
+
+
+def parse_metrics_section(data: Any) -> MetricsConfig:
+    """A document holding only a ``metrics:`` section (``kipfix agent --metrics-config``)."""
+    data = _mapping(data, "(top level)")
+    _reject_unknown(data, ("metrics",), "")
+    return _metrics(data.get("metrics"))
+
+
+def _file_mode(value: Any) -> int:
+    # Only a quoted string: YAML reads an unquoted 0640 as octal but 640 as decimal.
+    if not isinstance(value, str) or not re.fullmatch(JSON_LINES_MODE_PATTERN, value):
+        raise ConfigError(f"jsonLinesMode: {show(value)} is not accepted; accepted: a quoted octal file mode "
+                          "such as '0600' or '0640'")
+    return int(value, 8)
 
 
 def _json_lines(value: Any) -> str | None:
@@ -377,6 +456,7 @@ def parse_config(data: Any) -> AgentConfig:
         enterprise_number=_int(data.get("enterpriseNumber", DEFAULT_PEN), "enterpriseNumber",
                                *ENTERPRISE_NUMBER_RANGE),
         json_lines=_json_lines(data.get("jsonLines")),
+        json_lines_mode=_file_mode(data.get("jsonLinesMode", DEFAULT_JSON_LINES_MODE)),
         pin_path=_pin_path(data.get("pinPath", DEFAULT_PIN_PATH)),
         metrics=_metrics(data.get("metrics")),
     )

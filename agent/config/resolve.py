@@ -31,7 +31,7 @@ import stat
 from typing import Mapping
 
 from .errors import ConfigError, show
-from .model import AgentConfig, TLSConfig
+from .model import AgentConfig, MetricsConfig, TLSConfig
 
 NS_GET_NSTYPE = 0xB703  # ioctl on an nsfs file: the CLONE_NEW* type of the namespace (Linux >= 4.11)
 CLONE_NEWNET = 0x40000000
@@ -108,6 +108,52 @@ def _check_tls(tls: TLSConfig, path: str, labels: Mapping[str, str]) -> None:
         raise ConfigError(f"{path}.cert: {cert} and {key} do not load as a certificate and its private key "
                           f"(ssl: {_ssl_reason(err)}); accepted: PEM files of the client certificate and its "
                           "unencrypted private key") from None
+
+
+def resolve_metrics(metrics: MetricsConfig, source: str = "") -> None:
+    """The metrics endpoint's TLS and password files load (at start only: a reload does not change
+    the endpoint). ConfigError names the key and the file."""
+    try:
+        if metrics.tls is not None:
+            _check_metrics_tls(metrics)
+        auth = metrics.basic_auth
+        if auth is not None:
+            for key, path in (("passwordFile", auth.password_file), ("usernameFile", auth.username_file)):
+                if path is None:
+                    continue
+                try:
+                    with open(path, "rb") as handle:
+                        value = handle.read(65537).rstrip(b"\r\n")
+                except OSError as err:
+                    raise ConfigError(f"metrics.basicAuth.{key}: file {show(path)} cannot be read ({err.strerror}); "
+                                      "accepted: a readable file") from None
+                if not value:
+                    raise ConfigError(f"metrics.basicAuth.{key}: file {show(path)} is empty; accepted: a file "
+                                      "holding the value")
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}" if source else str(err)) from None
+
+
+def _check_metrics_tls(metrics: MetricsConfig) -> None:
+    tls = metrics.tls
+    labels: dict[str, str] = {}
+    for key, path in (("cert", tls.cert), ("key", tls.key), ("clientCA", tls.client_ca)):
+        if path is not None:
+            _readable_file(path, f"metrics.tls.{key}", _file_label(path, labels))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(tls.cert, tls.key, password=_no_password)
+    except (ssl.SSLError, OSError) as err:
+        raise ConfigError(f"metrics.tls.cert: file {show(tls.cert)} and file {show(tls.key)} do not load as a "
+                          f"certificate and its private key (ssl: {_ssl_reason(err)}); accepted: PEM files of the "
+                          "server certificate and its unencrypted private key") from None
+    if tls.client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=tls.client_ca)
+        except (ssl.SSLError, OSError) as err:
+            raise ConfigError(f"metrics.tls.clientCA: file {show(tls.client_ca)} is not a PEM CA certificate "
+                              f"(ssl: {_ssl_reason(err)}); accepted: a PEM file with the CA certificate(s) that "
+                              "sign the scrapers' certificates") from None
 
 
 def _ssl_reason(err: Exception) -> str:

@@ -31,6 +31,10 @@ SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"  # a DNS subdomain nam
 SECRET_NAME_MAX_LENGTH = 253
 SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"  # a Secret's data key
 DESCRIPTION_MAX_LENGTH = 256
+PACING = ("spread", "none")  # UDP: a drain's messages spread over the drain interval, or back to back
+DEFAULT_PACING = "spread"
+MESSAGE_RATE_RANGE = (1, 10_000_000)  # maxMessagesPerSecond (UDP)
+SEND_BUFFER_RANGE = (4096, 256 << 20)  # sendBuffer: SO_SNDBUF octets
 
 # ---- templates ----------------------------------------------------------------------
 
@@ -62,3 +66,5 @@ DEFAULT_METRICS_ADDRESS = "0.0.0.0"
 PIN_PATH_PATTERN = r"^/[A-Za-z0-9._/-]*$"
 PATH_MAX_LENGTH = 4096
 JSON_LINES_STDOUT = "-"
+DEFAULT_JSON_LINES_MODE = "0600"  # flow records say who talked to whom: not for every local user
+JSON_LINES_MODE_PATTERN = r"^0?[0-7]{3}$"  # a quoted octal file mode

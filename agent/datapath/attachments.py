@@ -181,6 +181,23 @@ class AttachmentManager:
                     return watch.attached[ifindex]
             return self._recent.get((netns_id, ifindex), "")
 
+    def known_names(self) -> dict[tuple[int, int], str]:
+        """(netns id, ifindex) -> name of every interface attached now or lately (for the journal:
+        flows of an interface that goes while the agent is down keep their name)."""
+        with self._lock:
+            names = dict(self._recent)
+            for watch in self._watches.values():
+                for ifindex, name in watch.attached.items():
+                    names[(watch.netns_id, ifindex)] = name
+            return names
+
+    def remember_names(self, names: dict[tuple[int, int], str]) -> None:
+        """Names a previous agent knew (from the journal), for flows drained or cached from then."""
+        with self._lock:
+            for (netns_id, ifindex), name in names.items():
+                if (netns_id, ifindex) not in self._recent:
+                    self._remember(netns_id, ifindex, name)
+
     def observation_points(self) -> list[tuple[int, int, str, str]]:
         """(observationPointId, ifindex, name, netns label) of every attached interface."""
         with self._lock:

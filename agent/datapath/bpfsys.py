@@ -25,6 +25,7 @@ BPF_MAP_GET_FD_BY_ID = 14
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_MAP_LOOKUP_BATCH = 24
 BPF_MAP_LOOKUP_AND_DELETE_BATCH = 25
+BPF_MAP_DELETE_BATCH = 27
 
 BPF_MAP_TYPE_PERCPU_HASH = 5
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
@@ -215,6 +216,28 @@ def read_all(fd: int, key_size: int, value_size: int, capacity: int, delete: boo
         first = False
         in_batch.value = out_batch.value
     return memoryview(keys)[:total * key_size], memoryview(values)[:total * value_size], total
+
+
+def delete_keys(fd: int, keys: memoryview, key_size: int) -> int:
+    """Delete the packed ``keys`` (as ``read_all`` returned them) in batch syscalls; keys
+    already gone are skipped. Returns the number deleted."""
+    count = len(keys) // key_size
+    if not count:
+        return 0
+    buffer = (ctypes.c_char * len(keys)).from_buffer_copy(keys)
+    deleted = done = 0
+    while done < count:
+        attr = _BatchAttr(keys=ctypes.addressof(buffer) + done * key_size, count=count - done, map_fd=fd)
+        try:
+            _bpf(BPF_MAP_DELETE_BATCH, attr)
+            return deleted + attr.count
+        except BpfError as err:
+            if err.errno != errno.ENOENT:
+                raise
+            # attr.count keys were deleted before one that is not there: skip it
+            deleted += attr.count
+            done += attr.count + 1
+    return deleted
 
 
 def possible_cpus() -> int:

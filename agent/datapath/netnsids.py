@@ -43,9 +43,11 @@ class NetnsIds:
             self._by_id = {}
 
     def _save(self) -> None:
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
         tmp = f"{self.path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as handle:
+        # 0600: the labels name the pods and namespaces metered on this node
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as handle:
+            os.fchmod(handle.fileno(), 0o600)  # a .tmp left by an older agent keeps its mode otherwise
             json.dump({str(k): v for k, v in self._by_id.items()}, handle)
         os.replace(tmp, self.path)
 

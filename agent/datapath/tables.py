@@ -29,6 +29,22 @@ class TablesNotFound(RuntimeError):
 
 
 @dataclass
+class TakenTable:
+    """Flows read from a table no program writes, not yet deleted from it.
+
+    The agent journals them before it deletes them (``FlowTables.clear``): a
+    crash in between finds them in both places, and the journal says which
+    map it holds (``map_id``), so the restarted agent clears the table
+    instead of counting its flows twice.
+    """
+
+    map_id: int
+    fd: int
+    keys: bytes
+    flows: list
+
+
+@dataclass
 class _Table:
     name: str
     fd: int
@@ -110,6 +126,40 @@ class FlowTables:
                                               table.max_entries, delete, self._buffers)
         self._last_count = count
         return decode_table(keys, values, count, self.cpus)
+
+    def inactive(self) -> _Table:
+        """The table the program does not write (after a drain, or one cut short)."""
+        return self.tables[1 - self._active_index()]
+
+    def take(self, table: _Table | None = None) -> TakenTable:
+        """Swap tables and read the one the program left, without deleting anything;
+        with ``table``, read that (inactive) table without swapping."""
+        if table is None:
+            active = self.tables[self._active_index()]
+            spare = self.tables[1 - self.tables.index(active)]
+            bpfsys.update(self.active_fd, ZERO, struct.pack("=i", spare.fd))  # returns after an RCU grace period
+            table = active
+        flows, keys = self._read_keys(table)
+        self.last_drain_entries = self._last_count
+        return TakenTable(table.id, table.fd, keys, flows)
+
+    def _read_keys(self, table: _Table) -> tuple[list[KernelFlow], bytes]:
+        if self._buffers is None:
+            self._buffers = bpfsys.BatchBuffers(KEY.size, VALUE_STRIDE * self.cpus, self.capacity)
+        keys, values, count = bpfsys.read_all(table.fd, KEY.size, VALUE_STRIDE * self.cpus,
+                                              table.max_entries, False, self._buffers)
+        self._last_count = count
+        return decode_table(keys, values, count, self.cpus), bytes(keys)
+
+    @staticmethod
+    def clear(taken: TakenTable) -> None:
+        """Delete what ``take`` read (the table is not written meanwhile: nothing else is in it)."""
+        bpfsys.delete_keys(taken.fd, memoryview(taken.keys), KEY.size)
+
+    def clear_table(self, table: _Table) -> int:
+        """Delete everything in an inactive table (its flows are already journaled)."""
+        _flows, keys = self._read_keys(table)
+        return bpfsys.delete_keys(table.fd, memoryview(keys), KEY.size)
 
     def drain(self) -> list[KernelFlow]:
         """Swap tables, then read and clear the one the program left.

@@ -120,8 +120,8 @@ class OwnershipState:
     @contextmanager
     def _locked(self) -> Iterator[dict]:
         directory = os.path.dirname(self.path) or "."
-        os.makedirs(directory, exist_ok=True)
-        with open(self.path + ".lock", "a") as lock:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        with open(os.open(self.path + ".lock", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 data = self._read()
@@ -145,7 +145,7 @@ class OwnershipState:
         return data
 
     def _write(self, data: dict, directory: str) -> None:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tc-state.")
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tc-state.")  # mode 0600
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1, sort_keys=True)
         os.replace(tmp, self.path)

@@ -70,3 +70,7 @@ class VethDedup:
 
     def held(self) -> Iterable[Flow]:
         return list(self._held)
+
+    def hold(self, flows: Iterable[Flow]) -> None:
+        """Hold ``flows`` again (they were held when the previous agent was killed)."""
+        self._held.extend(flows)

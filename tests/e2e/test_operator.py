@@ -29,6 +29,7 @@ import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from agentproc import remove_state_files
 from kipfix.agent.config import parse_config
 from kipfix.agent.contract import CONFIG_KEY, HASH_ANNOTATION, config_hash, configmap_name
 from kipfix.agent.kubeagent import KubernetesMode
@@ -467,6 +468,7 @@ def test_real_agent_in_kubernetes_mode_attaches_reports_and_detaches(env, cluste
             proc.wait()
         subprocess.run(["ip", "netns", "del", scratch], check=False)
         subprocess.run(["rm", "-rf", pin_path], check=False)
+        remove_state_files(pin_path)  # netns ids and the crash journal in /run/kipfix
         with contextlib.suppress(Exception):
             cluster.nodes.remove(node)
         print(log_path.read_text()[-5000:] if log_path.exists() else "")
@@ -592,6 +594,7 @@ def test_a_bad_configmap_never_takes_the_real_agent_down(env, cluster, tmp_path)
         for ns in (a, b):
             subprocess.run(["ip", "netns", "del", ns], check=False)
         subprocess.run(["rm", "-rf", pin_path], check=False)
+        remove_state_files(pin_path)  # netns ids and the crash journal in /run/kipfix
         with contextlib.suppress(ApiException):
             env.core.delete_namespaced_config_map(configmap_name(node), NAMESPACE)
         with contextlib.suppress(ApiException):

@@ -31,6 +31,7 @@ import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from agentproc import remove_state_files
 from controlplane import SimulatedNodes
 from kipfix.agent.collector.server import Collector
 from kipfix.agent.contract import CONFIG_KEY, configmap_name, lease_name
@@ -218,6 +219,7 @@ class PodNode:
             with contextlib.suppress(ApiException):
                 self.core.delete_namespaced_pod("remote", "kxpods-b", grace_period_seconds=0)
             sh("rm", "-rf", self.pin_path, check=False)
+            remove_state_files(self.pin_path)  # netns ids and the crash journal in /run/kipfix
             with contextlib.suppress(Exception):
                 self.core.delete_namespaced_config_map(configmap_name(self.node), NAMESPACE)
             self.nodes.close()

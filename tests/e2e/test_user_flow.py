@@ -46,6 +46,7 @@ from kubernetes.client.rest import ApiException
 
 from kipfix.agent.collector.server import Collector
 from kipfix.agent.contract import CONFIG_KEY, HASH_ANNOTATION, configmap_name, lease_name
+from agentproc import remove_state_files
 from forwarder import TcpForwarder
 from test_operator import _free_port, wait_for
 
@@ -200,8 +201,7 @@ class Flow:
         assert container.command == ["kipfix"]
         pin_path = f"/sys/fs/bpf/kipfix-e2e-flow-{self.run_id}-{node}"
         self.cleanups.append(lambda: run("rm", "-rf", pin_path, check=False))
-        self.cleanups.append(lambda: run("rm", "-f", f"/run/kipfix/netns-ids{pin_path.replace('/', '_')}.json",
-                                         check=False))
+        self.cleanups.append(lambda: remove_state_files(pin_path))  # netns ids and the crash journal
         args = [("--log-level=debug" if a.startswith("--log-level=") else a) for a in container.args]
         env = {"KUBECONFIG": str(kubeconfig), "NODE_NAME": node, "POD_NAMESPACE": NAMESPACE,  # downward API
                "KIPFIX_PIN_PATH": pin_path, "KIPFIX_TC_STATE": str(self.workdir / f"tc-state-{node}.json")}

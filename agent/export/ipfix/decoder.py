@@ -1,14 +1,18 @@
 """IPFIX message decoding (RFC 7011): messages, sets, templates, records.
 
-Malformed input raises MalformedMessage with the reason and the offset; data
-sets whose template is not (yet) known are reported, not fatal (RFC 7011 8).
-Templates are learned per (peer, observation domain).
+Malformed input raises MalformedMessage with the reason and the offset --
+and nothing else, whatever the bytes: a value the element's type cannot
+hold is malformed too. Data sets whose template is not (yet) known are
+reported, not fatal (RFC 7011 8). Templates are learned per (peer,
+observation domain), at most ``max_templates`` in all: the least recently
+used go first, so no sender can grow the store without bound.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import struct
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -86,20 +90,39 @@ def _converter(element: InformationElement, length: int) -> Callable[[bytes], An
     return lambda b: int.from_bytes(b, "big", signed=signed)
 
 
-class TemplateStore:
-    """Templates learned per (peer, observation domain, template id)."""
+MAX_TEMPLATES = 16384
 
-    def __init__(self, model: InfoModel | None = None):
+
+class TemplateStore:
+    """Templates learned per (peer, observation domain, template id), the least recently used
+    evicted beyond ``max_templates`` (``evicted`` counts them)."""
+
+    def __init__(self, model: InfoModel | None = None, max_templates: int = MAX_TEMPLATES):
         self.model = model or default_model(DEFAULT_PEN)
-        self._templates: dict[tuple[Any, int, int], DecodedTemplate] = {}
+        self.max_templates = max_templates
+        self.evicted = 0
+        self._templates: OrderedDict[tuple[Any, int, int], DecodedTemplate] = OrderedDict()
         self._decoders: dict[tuple[Any, int, int], Callable] = {}
 
+    def __len__(self) -> int:
+        return len(self._templates)
+
     def get(self, peer: Any, domain: int, template_id: int) -> DecodedTemplate | None:
-        return self._templates.get((peer, domain, template_id))
+        key = (peer, domain, template_id)
+        template = self._templates.get(key)
+        if template is not None:
+            self._templates.move_to_end(key)
+        return template
 
     def add(self, peer: Any, domain: int, template: DecodedTemplate) -> None:
-        self._templates[(peer, domain, template.id)] = template
-        self._decoders.pop((peer, domain, template.id), None)
+        key = (peer, domain, template.id)
+        self._templates[key] = template
+        self._templates.move_to_end(key)
+        self._decoders.pop(key, None)
+        while len(self._templates) > self.max_templates:
+            old, _ = self._templates.popitem(last=False)
+            self._decoders.pop(old, None)
+            self.evicted += 1
 
     def withdraw(self, peer: Any, domain: int, template_id: int, set_id: int) -> None:
         for key in list(self._templates):
@@ -203,6 +226,9 @@ def _parse_template_set(data: bytes, offset: int, end: int, set_id: int, store: 
             if length == 0:
                 raise MalformedMessage(f"template {template_id}: element {element_id} has length 0")
             element = store.element(element_id, length, pen)
+            if length == VARLEN and TYPES[element.type][0] is not None:  # RFC 7011 7: strings and octets
+                raise MalformedMessage(f"template {template_id}: {element.name} ({element.type}) is declared "
+                                       "variable-length; only string and octetArray elements can be")
             default = TYPES[element.type][0]
             reduced = reduced_lengths(element.type)  # RFC 7011 6.2
             if length != VARLEN and default is not None and length != default and length not in reduced:
@@ -249,7 +275,13 @@ def decode_message(data: bytes, store: TemplateStore, peer: Any = None) -> Decod
                 minimum = max(template.min_length, 1)
                 position = start
                 while end - position >= minimum:
-                    values, position = decode(data, position, end)
+                    try:
+                        values, position = decode(data, position, end)
+                    except MalformedMessage:
+                        raise
+                    except Exception as err:  # noqa: BLE001 - a value its type cannot hold is malformed input
+                        raise MalformedMessage(f"data set {set_id}: record {len(message.records) + 1} at offset "
+                                               f"{position}: {type(err).__name__}: {err}") from None
                     message.records.append(DecodedRecord(set_id, values, scope))
                 if position != end and any(data[position:end]):
                     raise MalformedMessage(f"data set {set_id}: {end - position} trailing octets are not "

@@ -30,7 +30,9 @@ kipfix's own:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import collections
+import time
+from dataclasses import dataclass, field
 
 from ..sink import MeteringStats
 from .infomodel import default_model
@@ -48,7 +50,15 @@ OBSERVATION_POINTS = ("observationPointId", "ingressInterface", "interfaceName",
 
 @dataclass
 class ExportCounters:
-    """What one collector session sent and dropped (cumulative); when it first and last dropped (ms)."""
+    """What one collector session sent and lost (cumulative); when it first and last lost one (ms).
+
+    not_sent_* count every flow record the collector will not get, whatever
+    the reason (notSent* of the 4.3 options record); ``not_sent_by_reason``
+    splits the flows by why: queue_full, too_large, refused (UDP: ICMP
+    unreachable), unacknowledged (TCP/TLS died with data unacknowledged),
+    not_sent_at_exit, not_resumable (journaled, but its template changed),
+    in_doubt (being sent when the agent was killed), error.
+    """
 
     messages: int = 0
     records: int = 0
@@ -58,6 +68,12 @@ class ExportCounters:
     not_sent_octets: int = 0
     first_not_sent_ms: int = 0
     last_not_sent_ms: int = 0
+    not_sent_by_reason: collections.Counter = field(default_factory=collections.Counter)
+
+    def not_sent(self, reason: str, flows: int, packets: int, octets: int) -> None:
+        self.dropped(flows, packets, octets, time.time_ns() // 1_000_000)
+        if flows:
+            self.not_sent_by_reason[reason] += flows
 
     def dropped(self, flows: int, packets: int, octets: int, now_ms: int) -> None:
         if not flows:

@@ -68,3 +68,12 @@ app.kubernetes.io/component: {{ .component }}
 {{- default "default" .Values.agent.serviceAccount.name -}}
 {{- end -}}
 {{- end -}}
+
+{{/*
+True (non-empty) when the agent's metrics need the rendered --metrics-config:
+HTTPS, basic authentication, or another listen address.
+*/}}
+{{- define "kipfix.agent.metricsConfigured" -}}
+{{- $m := .Values.agent.metrics -}}
+{{- if or $m.tls.secretName $m.basicAuth.secretName (ne $m.address "0.0.0.0") }}true{{ end -}}
+{{- end -}}
